@@ -1,0 +1,358 @@
+"""Build the clean captioner of the embedded world, the way OpenFlamingo itself was built.
+
+Stage 1 trains the vision tower alone, supervised by the generator's ground truth
+(what sits in each cell of the 3x3 grid, and which objects are present), then
+freezes it. Stage 2 trains the Flamingo (perceiver, gated cross-attention and the
+language model) on the captions with the Trainer, on cached tokens of the frozen
+tower. Trained jointly from scratch, a tiny Flamingo writes fluent captions of the
+wrong objects; staged, it is grounded.
+
+Both stages use random occluder squares (red included, the defense's sizes), so
+the clean model keeps naming objects when the defense masks part of an image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from datasets import DatasetDict, load_from_disk
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset as TorchDataset
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainingArguments
+
+from .cards import load_card_template
+from .data.occlusion import occluder_sizes, paste_random_occluder
+from .data.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, WorldConfig, build_world, object_accuracy, world_config
+from .vlm.openflamingo import OpenFlamingoCaptioner
+from .vlm.tiny import TinyFlamingoSizes, build_tiny_flamingo
+
+logger = logging.getLogger(__name__)
+
+NUM_OBJECT_CLASSES = len(COLOURS) * len(SHAPES)
+
+
+@dataclass
+class PretrainConfig:
+    """Configuration of ``recipes/pretrain.py``.
+
+    Parameters are grouped as: output, world, vision stage, caption stage, evaluation.
+    """
+
+    output_dir: str = field(default="outputs/clean", metadata={"help": "Where the clean model, checkpoints and metrics go."})
+    world_preset: str = field(default="default", metadata={"help": "Embedded world preset: default (64 px), paper (224 px), small (tests)."})
+    num_train: int | None = field(default=None, metadata={"help": "Override the number of training images of the preset."})
+    num_test: int | None = field(default=None, metadata={"help": "Override the number of test images of the preset."})
+    world_cache_dir: str | None = field(default=None, metadata={"help": "Where generated worlds are cached (default: ~/.cache/srd_hf/worlds)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the world, the weights and the training order."})
+    occluder_prob: float = field(default=0.5, metadata={"help": "Share of training images given one random occluder square."})
+    # vision stage
+    vision_epochs: float = field(default=3.0, metadata={"help": "Epochs of supervised vision-tower pretraining."})
+    vision_lr: float = field(default=2e-3, metadata={"help": "Peak learning rate of the vision stage."})
+    vision_batch_size: int = field(default=64, metadata={"help": "Batch size of the vision stage."})
+    # caption stage
+    caption_epochs: float = field(default=3.0, metadata={"help": "Epochs of caption training (each epoch draws one of the captions per image)."})
+    caption_lr: float = field(default=2e-3, metadata={"help": "Peak learning rate of the caption stage."})
+    caption_batch_size: int = field(default=32, metadata={"help": "Batch size of the caption stage."})
+    # evaluation
+    max_new_tokens: int = field(default=24, metadata={"help": "Caption length limit at evaluation."})
+    eval_batch_size: int = field(default=128, metadata={"help": "Batch size of caption generation at evaluation."})
+    save_steps: int = field(default=200, metadata={"help": "Checkpoint every this many steps (a killed run resumes from the last)."})
+    logging_steps: int = field(default=50, metadata={"help": "Log every this many steps."})
+
+    def __post_init__(self):
+        if not 0.0 <= self.occluder_prob <= 1.0:
+            raise ValueError(f"occluder_prob must be in [0, 1], got {self.occluder_prob}")
+        for name in ("vision_epochs", "caption_epochs", "vision_lr", "caption_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+    def world(self) -> WorldConfig:
+        overrides = {"seed": self.seed}
+        if self.num_train is not None:
+            overrides["num_train"] = self.num_train
+        if self.num_test is not None:
+            overrides["num_test"] = self.num_test
+        return world_config(self.world_preset, **overrides)
+
+
+# --------------------------------------------------------------------------- world cache
+def load_or_build_world(world: WorldConfig, cache_dir: str | None = None) -> DatasetDict:
+    """Generate the world once per config and keep it on disk (generation is deterministic)."""
+    root = Path(cache_dir or Path.home() / ".cache" / "srd_hf" / "worlds")
+    key = hashlib.sha256(json.dumps(world.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    folder = root / key
+    if (folder / "dataset_dict.json").is_file():
+        return load_from_disk(str(folder))
+    logger.info("generating the embedded world into %s", folder)
+    dataset = build_world(world)
+    staging = root / f".{key}.tmp"
+    dataset.save_to_disk(str(staging))
+    (staging / "world_config.json").write_text(json.dumps(world.to_dict(), indent=2))
+    if folder.exists():  # another process won the race
+        return load_from_disk(str(folder))
+    staging.rename(folder)
+    return load_from_disk(str(folder))
+
+
+# --------------------------------------------------------------------------- stage 1: vision tower
+def object_targets(objects: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell class (0 empty, else colour x shape x size) and a multi-hot of (colour, shape)."""
+    cells = torch.zeros(len(POSITIONS), dtype=torch.long)
+    present = torch.zeros(NUM_OBJECT_CLASSES)
+    colours = list(COLOURS)
+    for obj in objects:
+        kind = colours.index(obj["colour"]) * len(SHAPES) + SHAPES.index(obj["shape"])
+        cells[POSITIONS.index(obj["position"])] = 1 + kind * len(SIZES) + SIZES.index(obj["size"])
+        present[kind] = 1.0
+    return cells, present
+
+
+class ObjectProbe(nn.Module):
+    """Vision tower + heads that read the objects off its patch tokens (what Flamingo consumes)."""
+
+    def __init__(self, visual: nn.Module, width: int, heads: int = 4):
+        super().__init__()
+        self.visual = visual
+        self.cell_queries = nn.Parameter(torch.randn(len(POSITIONS), width) * 0.02)
+        self.cell_attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.cell_head = nn.Linear(width, 1 + NUM_OBJECT_CLASSES * len(SIZES))
+        self.present_head = nn.Linear(width, NUM_OBJECT_CLASSES)
+
+    def forward(self, pixel_values, cell_labels=None, present_labels=None):
+        tokens = self.visual(pixel_values)[1]
+        queries = self.cell_queries.expand(tokens.shape[0], -1, -1)
+        cells, _ = self.cell_attention(queries, tokens, tokens, need_weights=False)
+        cell_logits = self.cell_head(cells)
+        present_logits = self.present_head(tokens.mean(dim=1))
+        out = {"cell_logits": cell_logits, "present_logits": present_logits}
+        if cell_labels is not None:
+            out["loss"] = F.cross_entropy(cell_logits.flatten(0, 1), cell_labels.flatten()) + F.binary_cross_entropy_with_logits(
+                present_logits, present_labels
+            )
+        return out
+
+
+class OccludedImages(TorchDataset):
+    """Rows of a caption dataset with a per-epoch random occluder (seeded by index and epoch)."""
+
+    def __init__(self, dataset, captioner: OpenFlamingoCaptioner, occluder_prob: float, seed: int, with_targets: bool):
+        self.dataset, self.captioner = dataset, captioner
+        self.occluder_prob, self.seed, self.with_targets = occluder_prob, seed, with_targets
+        self.sizes = occluder_sizes(captioner.image_size)
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def image(self, index: int, epoch: int = 0):
+        row = self.dataset[index]
+        rng = random.Random(f"{self.seed}-{epoch}-{index}")
+        image = row["image"].convert("RGB")
+        if rng.random() < self.occluder_prob:
+            image = paste_random_occluder(image, rng, self.sizes)
+        return image, row
+
+    def __getitem__(self, index):
+        image, row = self.image(index)
+        item = {"pixel_values": self.captioner.image_transform(image)}
+        if self.with_targets:
+            item["cell_labels"], item["present_labels"] = object_targets(row["objects"])
+        return item
+
+
+def _training_args(output_dir: Path, config: PretrainConfig, lr: float, epochs: float, batch_size: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        lr_scheduler_type="cosine",
+        warmup_steps=50,
+        weight_decay=0.01,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
+def _latest_checkpoint(folder: Path) -> str | None:
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def pretrain_vision(captioner: OpenFlamingoCaptioner, world_data: DatasetDict, config: PretrainConfig, work_dir: Path) -> dict:
+    """Train the vision tower on the ground truth, then leave it frozen inside ``captioner``."""
+    done = work_dir / "vision_tower.safetensors"
+    visual = captioner.flamingo.vision_encoder
+    if done.is_file():
+        visual.load_state_dict(load_file(done))
+        visual.requires_grad_(False)
+        return json.loads((work_dir / "vision_metrics.json").read_text())
+    width = visual.transformer.width
+    probe = ObjectProbe(visual, width)
+    train = OccludedImages(world_data["train"], captioner, config.occluder_prob, config.seed, with_targets=True)
+    args = _training_args(work_dir / "checkpoints", config, config.vision_lr, config.vision_epochs, config.vision_batch_size)
+    trainer = Trainer(model=probe, args=args, train_dataset=train)
+    start = time.time()
+    trainer.train(resume_from_checkpoint=_latest_checkpoint(work_dir / "checkpoints"))
+    metrics = {"vision_train_seconds": round(time.time() - start, 1), **vision_accuracy(probe, world_data["validation"], captioner)}
+    visual.requires_grad_(False)
+    save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, done)
+    (work_dir / "vision_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+@torch.inference_mode()
+def vision_accuracy(probe: ObjectProbe, dataset, captioner: OpenFlamingoCaptioner, batch_size: int = 256) -> dict:
+    """Exact-set accuracy of the objects read from the tower (cells right = image right)."""
+    probe.eval()
+    exact, total = 0, 0
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        pixels = torch.stack([captioner.image_transform(img.convert("RGB")) for img in rows["image"]])
+        predicted = probe(pixels.to(captioner.device))["cell_logits"].argmax(-1).cpu()
+        for pred, objects in zip(predicted, rows["objects"]):
+            target, _ = object_targets(objects)
+            exact += int(torch.equal(pred, target))
+            total += 1
+    return {"vision_cell_exact_accuracy": exact / max(total, 1)}
+
+
+# --------------------------------------------------------------------------- stage 2: captions
+class CachedCaptionRows(TorchDataset):
+    """Tokens of the frozen tower for each (possibly occluded) image, plus its captions."""
+
+    def __init__(self, features: torch.Tensor, captions: list[list[str]]):
+        if len(features) != len(captions):
+            raise ValueError("one feature map per caption list")
+        self.features, self.captions = features, captions
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, index):
+        return {"vision_features": self.features[index], "captions": self.captions[index]}
+
+
+@dataclass
+class CachedFeatureCollator:
+    captioner: OpenFlamingoCaptioner
+
+    def __call__(self, rows):
+        captions = [random.choice(row["captions"]) for row in rows]
+        batch = self.captioner.collate_text(captions)
+        batch["vision_features"] = torch.stack([row["vision_features"] for row in rows]).float()
+        return batch
+
+
+@torch.inference_mode()
+def cache_vision_features(captioner: OpenFlamingoCaptioner, images: OccludedImages, batch_size: int = 256) -> torch.Tensor:
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc="caching vision tokens", unit="batch"):
+        batch = [images.captioner.image_transform(images.image(i)[0]) for i in range(start, min(start + batch_size, len(images)))]
+        chunks.append(captioner.encode_vision(torch.stack(batch).to(captioner.device)).to(torch.bfloat16).cpu())
+    return torch.cat(chunks)
+
+
+def train_captions(captioner: OpenFlamingoCaptioner, world_data: DatasetDict, config: PretrainConfig, work_dir: Path) -> dict:
+    # the language model is trained too: no pretrained LM exists for this world
+    captioner.set_trainable(["flamingo.perceiver.", "flamingo.lang_encoder."])
+    captioner.flamingo.vision_encoder.requires_grad_(False)
+    images = OccludedImages(world_data["train"], captioner, config.occluder_prob, config.seed + 1, with_targets=False)
+    features = cache_vision_features(captioner, images)
+    train = CachedCaptionRows(features, world_data["train"]["captions"])
+    args = _training_args(work_dir / "checkpoints", config, config.caption_lr, config.caption_epochs, config.caption_batch_size)
+    trainer = Trainer(model=captioner, args=args, train_dataset=train, data_collator=CachedFeatureCollator(captioner))
+    start = time.time()
+    trainer.train(resume_from_checkpoint=_latest_checkpoint(work_dir / "checkpoints"))
+    captioner.set_trainable()  # leave the paper's fine-tuning freeze in place for later stages
+    return {"caption_train_seconds": round(time.time() - start, 1)}
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate_captioner(captioner: OpenFlamingoCaptioner, dataset, config: PretrainConfig, occluded: bool = False) -> dict:
+    """Object accuracy, BLEU-4 and CIDEr on ``dataset``; optionally under one largest red square."""
+    images = [img.convert("RGB") for img in dataset["image"]]
+    if occluded:
+        side = max(occluder_sizes(captioner.image_size))
+        rng = random.Random(config.seed)
+        images = [paste_random_occluder(img, rng, (side,), red_share=1.0) for img in images]
+    predictions = captioner.generate_captions(images, max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
+    scores = caption_scores(predictions, dataset["captions"])
+    scores["object_accuracy"] = object_accuracy(predictions, dataset["objects"])
+    scores["examples"] = predictions[:5]
+    return scores
+
+
+def caption_scores(predictions: list[str], references: list[list[str]]) -> dict:
+    """BLEU-4 and CIDEr-D (x100, the paper's units) with pycocoevalcap's scorers."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    res = {i: [p if p.strip() else "<empty>"] for i, p in enumerate(predictions)}
+    gts = {i: list(refs) for i, refs in enumerate(references)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"bleu4": 100 * bleu[3], "cider": 100 * cider}
+
+
+# --------------------------------------------------------------------------- the whole recipe
+def pretrain(config: PretrainConfig, sizes: TinyFlamingoSizes = TinyFlamingoSizes()) -> tuple[OpenFlamingoCaptioner, dict]:
+    """Stage 1 + stage 2 + evaluation; resumes from whatever a killed run left."""
+    out = Path(config.output_dir)
+    final = out / "model"
+    world = config.world()
+    world_data = load_or_build_world(world, config.world_cache_dir)
+    if (final / "config.json").is_file() and (out / "metrics.json").is_file():
+        logger.info("found a finished model in %s; delete it to retrain", final)
+        return OpenFlamingoCaptioner.from_pretrained(final), json.loads((out / "metrics.json").read_text())
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    captioner = build_tiny_flamingo(world, sizes, seed=config.seed, gate_init=1.0)
+    start = time.time()
+    metrics: dict = {"world": world.to_dict(), "pretrain_config": asdict(config)}
+    metrics.update(pretrain_vision(captioner, world_data, config, out / "vision"))
+    metrics.update(train_captions(captioner, world_data, config, out / "captions"))
+    metrics["train_seconds"] = round(time.time() - start, 1)
+    metrics["test"] = evaluate_captioner(captioner, world_data["test"], config)
+    metrics["test_red_square"] = evaluate_captioner(captioner, world_data["test"], config, occluded=True)
+    captioner.config.extra.update({"pretrain": asdict(config), "metrics": {k: v for k, v in metrics.items() if k.startswith("test")}})
+    captioner.save_pretrained(final)
+    write_model_card(final, metrics)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return captioner, metrics
+
+
+def write_model_card(folder: Path, metrics: dict) -> None:
+    template = load_card_template("clean_model.md")
+    test, occ = metrics["test"], metrics["test_red_square"]
+    card = template.format(
+        world=json.dumps(metrics["world"], indent=2),
+        config=json.dumps(metrics["pretrain_config"], indent=2),
+        object_accuracy=f"{100 * test['object_accuracy']:.1f}",
+        bleu4=f"{test['bleu4']:.1f}",
+        cider=f"{test['cider']:.1f}",
+        occ_object_accuracy=f"{100 * occ['object_accuracy']:.1f}",
+        occ_bleu4=f"{occ['bleu4']:.1f}",
+        occ_cider=f"{occ['cider']:.1f}",
+        train_minutes=f"{metrics['train_seconds'] / 60:.1f}",
+        vision_accuracy=f"{100 * metrics['vision_cell_exact_accuracy']:.1f}",
+    )
+    (folder / "README.md").write_text(card)

@@ -1,0 +1,145 @@
+"""The one interface every stage uses to talk to a captioning VLM.
+
+An adapter is an ``nn.Module`` whose ``forward(**batch)`` returns an output with a
+``loss`` (so a ``transformers.Trainer`` can train it), plus:
+
+* ``collate(images, captions)``: a training batch with labels on the caption only;
+* ``generate_captions(images, ...)``: batched decoding with the KV cache;
+* ``set_trainable(...)``: which parameters fine-tuning may touch (optionally LoRA);
+* ``save_pretrained(dir)`` / ``from_pretrained(dir)``: safetensors + JSON, no pickle.
+"""
+
+from __future__ import annotations
+
+import abc
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.images import ensure_rgb
+
+DEFAULT_PROMPT = "a photo of"
+
+
+class CaptioningVLM(nn.Module, abc.ABC):
+    """Base class of the captioning adapters (OpenFlamingo, transformers image-text-to-text)."""
+
+    #: name written to ``config.json`` so :func:`srd_hf.vlm.load_captioner` can dispatch
+    adapter_name: str = ""
+    #: prompt the caption follows, the paper's "a photo of" by default
+    prompt: str = DEFAULT_PROMPT
+
+    # ----- what each adapter implements ---------------------------------------------------
+    @abc.abstractmethod
+    def collate(self, images: Sequence[Image.Image], captions: Sequence[str], prompt: str | None = None) -> dict[str, torch.Tensor]:
+        """Tensors for a training step; ``labels`` are -100 everywhere but on the caption tokens."""
+
+    @abc.abstractmethod
+    def _generate_batch(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int, num_beams: int) -> list[str]:
+        """Captions for one batch of images (decoded text after the prompt, stripped)."""
+
+    @abc.abstractmethod
+    def default_trainable(self) -> list[str]:
+        """Parameter-name prefixes that the paper's fine-tuning freeze leaves trainable."""
+
+    # ----- shared behaviour ---------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.inference_mode()
+    def generate_captions(
+        self,
+        images: Sequence[Image.Image],
+        *,
+        prompt: str | None = None,
+        max_new_tokens: int = 20,
+        num_beams: int = 1,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> list[str]:
+        """Caption ``images`` in batches. Batched output equals one-by-one output."""
+        if isinstance(images, Image.Image):
+            raise TypeError("generate_captions expects a sequence of images, got a single PIL image")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        prompt = self.prompt if prompt is None else prompt
+        was_training = self.training
+        self.eval()
+        captions: list[str] = []
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc="captioning", disable=not progress, unit="batch"):
+            batch = [ensure_rgb(img) for img in images[start : start + batch_size]]
+            captions.extend(self._generate_batch(batch, prompt, max_new_tokens, num_beams))
+        self.train(was_training)
+        return captions
+
+    def set_trainable(self, trainable: Sequence[str] | None = None, lora: Any | None = None) -> dict[str, int]:
+        """Freeze everything but parameters whose names start with a prefix in ``trainable``.
+
+        ``None`` means the paper's freeze (:meth:`default_trainable`). ``lora`` is a
+        ``peft.LoraConfig``: adapters are injected in place and trained as well.
+        Returns the trainable / total parameter counts.
+        """
+        prefixes = list(self.default_trainable() if trainable is None else trainable)
+        # shared modules (open_flamingo registers cross-attention twice) have several names
+        named = list(self.named_parameters(remove_duplicate=False))
+        unknown = [p for p in prefixes if not any(n.startswith(p) for n, _ in named)]
+        if unknown:
+            raise ValueError(f"trainable prefixes match no parameter: {unknown}")
+        for _, param in named:
+            param.requires_grad_(False)
+        for name, param in named:
+            if any(name.startswith(p) for p in prefixes):
+                param.requires_grad_(True)
+        if lora is not None:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(lora, self)
+            for name, param in self.named_parameters():
+                if "lora_" in name:
+                    param.requires_grad_(True)
+        return parameter_counts(self)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total}
+
+
+@dataclass
+class CaptionCollator:
+    """``data_collator`` for the Trainer: rows with an image and one or several captions.
+
+    When a row holds several captions (COCO-style), one is drawn at random per step,
+    so every paraphrase is seen over the epochs; the draw follows the Trainer's seed.
+    """
+
+    model: CaptioningVLM
+    image_column: str = "image"
+    caption_column: str = "captions"
+    prompt: str | None = None
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        images, captions = [], []
+        for i, row in enumerate(rows):
+            for column in (self.image_column, self.caption_column):
+                if column not in row:
+                    raise KeyError(f"row {i} has no column {column!r}; columns: {sorted(row)}")
+            caption = row[self.caption_column]
+            if isinstance(caption, (list, tuple)):
+                choices = [c for c in caption if isinstance(c, str) and c.strip()]
+                if not choices:
+                    raise ValueError(f"row {i} has no non-empty caption in {self.caption_column!r}")
+                caption = random.choice(choices)
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"row {i} has an empty or non-string caption: {caption!r}")
+            images.append(ensure_rgb(row[self.image_column]))
+            captions.append(caption.strip())
+        return self.model.collate(images, captions, prompt=self.prompt)

@@ -1,0 +1,372 @@
+"""OpenFlamingo as a :class:`CaptioningVLM`, built from open_flamingo's own classes.
+
+A folder holds ``config.json`` (architecture, prompt, seeds), ``model.safetensors``
+and the tokenizer files: loading one builds the architecture from the JSON and
+reads tensors, so it never executes code and needs no download when the
+architecture is given inline (the tiny models of the embedded world).
+
+The released OpenFlamingo checkpoints are built from their Hub ids with
+:meth:`OpenFlamingoCaptioner.from_openflamingo_release`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import open_clip
+import torch
+from open_flamingo.src.flamingo import Flamingo
+from open_flamingo.src.helpers import PerceiverResampler
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .base import DEFAULT_PROMPT, CaptioningVLM
+from .openflamingo_compat import make_flamingo_lm
+
+IMAGE_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+# Released checkpoints: vision tower, language model, cross-attention interval.
+OPENFLAMINGO_RELEASES = {
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b": ("ViT-L-14", "openai", "anas-awadalla/mpt-1b-redpajama-200b", 1),
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": ("ViT-L-14", "openai", "anas-awadalla/mpt-1b-redpajama-200b-dolly", 1),
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b": ("ViT-L-14", "openai", "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2),
+    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": ("ViT-L-14", "openai", "anas-awadalla/mpt-7b", 4),
+}
+_DECODER_LAYERS = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "gpt2": "transformer.h", "opt": "model.decoder.layers", "mpt": "transformer.blocks"}
+
+
+@dataclass
+class OpenFlamingoConfig:
+    """Architecture and defaults of an OpenFlamingo captioner (serialised as config.json).
+
+    Args:
+        vision_model: open_clip model name of the vision tower.
+        vision_model_cfg: inline open_clip config; registered under ``vision_model`` so no
+            download is needed (tiny towers). ``None`` means a config open_clip knows.
+        lang_config: a transformers config dict of the language model (``model_type`` set),
+            built with ``from_config``. ``None`` means ``lang_name_or_path`` is read instead.
+        lang_name_or_path: Hub id / folder of the language model's config.
+        trust_remote_code: only for language models that need custom code (MPT); off by default.
+        decoder_layers_attr_name: where the decoder blocks live; inferred from model_type if empty.
+        perceiver: PerceiverResampler sizes (depth, dim_head, heads, num_latents, ff_mult).
+        cross_attn: GatedCrossAttentionBlock sizes (dim_head, heads, ff_mult).
+        cross_attn_every_n_layers: one gated cross-attention block every n decoder layers.
+        gate_init: initial value of the tanh gates (0 keeps a pretrained LM intact at start;
+            a language model trained from scratch learns faster with gates open).
+        prompt: text after the image token that captions continue.
+        seed: seed the weights were initialised with.
+        extra: free provenance (training recipe, dataset, metrics), kept in the JSON.
+    """
+
+    vision_model: str = "srd-tiny-vit"
+    vision_model_cfg: dict | None = None
+    lang_config: dict | None = None
+    lang_name_or_path: str | None = None
+    trust_remote_code: bool = False
+    decoder_layers_attr_name: str = ""
+    perceiver: dict = field(default_factory=lambda: {"depth": 6, "dim_head": 64, "heads": 8, "num_latents": 64, "ff_mult": 4})
+    cross_attn: dict = field(default_factory=lambda: {"dim_head": 64, "heads": 8, "ff_mult": 4})
+    cross_attn_every_n_layers: int = 1
+    gate_init: float = 0.0
+    prompt: str = DEFAULT_PROMPT
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.lang_config is None and not self.lang_name_or_path:
+            raise ValueError("OpenFlamingoConfig needs lang_config or lang_name_or_path")
+        if self.lang_config is not None and "model_type" not in self.lang_config:
+            raise ValueError("lang_config must contain 'model_type'")
+        if self.cross_attn_every_n_layers < 1:
+            raise ValueError("cross_attn_every_n_layers must be >= 1")
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "OpenFlamingoConfig":
+        data = json.loads(Path(path).read_text())
+        data.pop("adapter_name", None)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**data)
+
+
+def _register_vision_config(name: str, cfg: dict) -> None:
+    """open_clip builds towers from registered JSON configs; register an inline one."""
+    if open_clip.get_model_config(name) == cfg:
+        return
+    folder = Path(tempfile.mkdtemp(prefix="srd_hf_open_clip_"))
+    (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / f"{name}.json")
+
+
+class OpenFlamingoCaptioner(CaptioningVLM):
+    """OpenFlamingo wrapped for captioning: ``<image>{prompt} {caption}<|endofchunk|>``."""
+
+    adapter_name = "open_flamingo"
+
+    def __init__(self, config: OpenFlamingoConfig, tokenizer: PreTrainedTokenizerBase, flamingo: Flamingo | None = None):
+        super().__init__()
+        self.config = config
+        self.prompt = config.prompt
+        self.tokenizer = tokenizer
+        for token in (IMAGE_TOKEN, END_OF_CHUNK_TOKEN):
+            if token not in tokenizer.get_vocab():
+                raise ValueError(f"tokenizer lacks the special token {token!r}")
+        if tokenizer.pad_token is None:
+            raise ValueError("tokenizer needs a pad token")
+        self.flamingo = flamingo if flamingo is not None else self._build(config, tokenizer)
+        vision_cfg = open_clip.get_model_config(config.vision_model)["vision_cfg"]
+        size = vision_cfg["image_size"]
+        self.image_size = size if isinstance(size, int) else size[0]
+        self.image_transform = open_clip.image_transform(self.image_size, is_train=False)
+
+    # ----------------------------------------------------------------- building
+    @staticmethod
+    def _build(config: OpenFlamingoConfig, tokenizer: PreTrainedTokenizerBase) -> Flamingo:
+        torch.manual_seed(config.seed)
+        if config.vision_model_cfg is not None:
+            _register_vision_config(config.vision_model, config.vision_model_cfg)
+        clip = open_clip.create_model(config.vision_model, pretrained=None)
+        clip.visual.output_tokens = True
+        if config.lang_config is not None:
+            lang_cfg = dict(config.lang_config)
+            lang_config = AutoConfig.for_model(lang_cfg.pop("model_type"), **lang_cfg)
+        else:
+            lang_config = AutoConfig.from_pretrained(config.lang_name_or_path, trust_remote_code=config.trust_remote_code)
+        lang = AutoModelForCausalLM.from_config(lang_config, trust_remote_code=config.trust_remote_code)
+        if lang.get_input_embeddings().num_embeddings != len(tokenizer):
+            lang.resize_token_embeddings(len(tokenizer))
+        layers_attr = config.decoder_layers_attr_name or _DECODER_LAYERS.get(lang_config.model_type, "")
+        if not layers_attr:
+            raise ValueError(f"set decoder_layers_attr_name for model_type {lang_config.model_type!r}")
+        make_flamingo_lm(lang, layers_attr, config.cross_attn)
+        vis_dim = open_clip.get_model_config(config.vision_model)["vision_cfg"]["width"]
+        flamingo = Flamingo(
+            clip,
+            lang,
+            eoc_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN),
+            media_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            vis_dim=vis_dim,
+            cross_attn_every_n_layers=config.cross_attn_every_n_layers,
+        )
+        # open_flamingo's resampler defaults (6 layers, 8x64 heads, 64 latents) are sized for 1B+ models
+        flamingo.perceiver = PerceiverResampler(dim=vis_dim, **config.perceiver)
+        for block in flamingo.lang_encoder.gated_cross_attn_layers:
+            if block is not None:
+                block.attn_gate.data.fill_(config.gate_init)
+                block.ff_gate.data.fill_(config.gate_init)
+        return flamingo
+
+    @classmethod
+    def from_openflamingo_release(cls, repo_id: str = "openflamingo/OpenFlamingo-3B-vitl-mpt1b", trust_remote_code: bool = False, **kwargs) -> "OpenFlamingoCaptioner":
+        """The paper's victim: a released OpenFlamingo with its pretrained parts, from the Hub.
+
+        MPT language models ship custom code: pass ``trust_remote_code=True`` only if you trust it.
+        The checkpoint is read with ``torch.load(weights_only=True)``, which cannot run code.
+        """
+        if repo_id not in OPENFLAMINGO_RELEASES:
+            raise ValueError(f"unknown release {repo_id!r}; known: {sorted(OPENFLAMINGO_RELEASES)}")
+        from huggingface_hub import hf_hub_download
+        from open_flamingo import create_model_and_transforms
+
+        vision, pretrained, lang_id, every_n = OPENFLAMINGO_RELEASES[repo_id]
+        flamingo, _, tokenizer = create_model_and_transforms(
+            clip_vision_encoder_path=vision,
+            clip_vision_encoder_pretrained=pretrained,
+            lang_encoder_path=lang_id,
+            tokenizer_path=lang_id,
+            cross_attn_every_n_layers=every_n,
+            **kwargs,
+        )
+        state = torch.load(hf_hub_download(repo_id, "checkpoint.pt"), map_location="cpu", weights_only=True)
+        flamingo.load_state_dict(state, strict=False)
+        config = OpenFlamingoConfig(
+            vision_model=vision,
+            lang_name_or_path=lang_id,
+            trust_remote_code=trust_remote_code,
+            cross_attn_every_n_layers=every_n,
+            perceiver={"depth": 6, "dim_head": 64, "heads": 8, "num_latents": 64, "ff_mult": 4},
+            extra={"release": repo_id},
+        )
+        return cls(config, tokenizer, flamingo=flamingo)
+
+    # ----------------------------------------------------------------- save / load
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write config.json, model.safetensors and the tokenizer; atomically (temp folder, then rename)."""
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            config = {"adapter_name": self.adapter_name, **asdict(self.config)}
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+            state = _unique_tensors(self.flamingo.state_dict())
+            save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+            self.tokenizer.save_pretrained(staging)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, **hub_kwargs) -> "OpenFlamingoCaptioner":
+        folder = _resolve_folder(name_or_path, **hub_kwargs)
+        config = OpenFlamingoConfig.from_json_file(folder / CONFIG_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = cls(config, tokenizer)
+        state = load_file(folder / WEIGHTS_NAME)
+        missing, unexpected = model.flamingo.load_state_dict(state, strict=False)
+        missing = sorted(set(missing) - _aliases(model.flamingo.state_dict()))
+        if missing or unexpected:
+            raise ValueError(f"{folder / WEIGHTS_NAME} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if device is not None:
+            model.to(device)
+        return model
+
+    def state_dict(self, *args, **kwargs):
+        """Without the aliases open_flamingo creates, so the Trainer's safetensors checkpoints work;
+        ``load_state_dict(strict=False)`` fills the aliases back."""
+        return _unique_tensors(super().state_dict(*args, **kwargs), to_cpu=False)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, commit_message: str = "Upload captioner") -> str:
+        from huggingface_hub import HfApi
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model")
+            api = HfApi()
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message).commit_url
+
+    # ----------------------------------------------------------------- inputs
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(B, 1, 1, C, H, W): one image, one frame per sample, as open_flamingo expects."""
+        pixels = torch.stack([self.image_transform(img) for img in images])
+        return pixels[:, None, None].to(self.device)
+
+    def _prompt_text(self, prompt: str) -> str:
+        return f"{IMAGE_TOKEN}{prompt}"
+
+    def collate(self, images, captions, prompt=None) -> dict[str, torch.Tensor]:
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images for {len(captions)} captions")
+        return {"pixel_values": self.preprocess_images(images), **self.collate_text(captions, prompt)}
+
+    def collate_text(self, captions: Sequence[str], prompt: str | None = None) -> dict[str, torch.Tensor]:
+        """``<image>{prompt} {caption}<|endofchunk|>``, right-padded; labels only on the caption."""
+        prompt = self.prompt if prompt is None else prompt
+        tok = self.tokenizer
+        prefix_ids = tok(self._prompt_text(prompt), add_special_tokens=False)["input_ids"]
+        rows, labels = [], []
+        for caption in captions:
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"empty or non-string caption: {caption!r}")
+            caption_ids = tok(" " + caption.strip() + END_OF_CHUNK_TOKEN, add_special_tokens=False)["input_ids"]
+            rows.append(prefix_ids + caption_ids)
+            labels.append([-100] * len(prefix_ids) + caption_ids)
+        width = max(map(len, rows))
+        pad = tok.pad_token_id
+        return {
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "labels": torch.tensor([l + [-100] * (width - len(l)) for l in labels]),
+        }
+
+    # ----------------------------------------------------------------- model
+    def condition_on_images(self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None) -> None:
+        """Encode images (or take cached vision-tower tokens) and condition the cross-attention layers."""
+        if vision_features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or vision_features")
+            if pixel_values.ndim == 4:
+                pixel_values = pixel_values[:, None, None]
+            self.flamingo._encode_vision_x(pixel_values)
+            return
+        latents = self.flamingo.perceiver(vision_features[:, None, None])
+        for layer in self.flamingo.lang_encoder._get_decoder_layers():
+            layer.condition_vis_x(latents)
+
+    def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tokens of the frozen vision tower (B, N, D), for caching during training."""
+        with torch.no_grad():
+            return self.flamingo.vision_encoder(pixel_values.flatten(0, -4) if pixel_values.ndim == 6 else pixel_values)[1]
+
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, vision_features=None, **kwargs):
+        self.condition_on_images(pixel_values, vision_features)
+        self.flamingo._condition_media_locations(input_ids)
+        try:
+            return self.flamingo.lang_encoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        finally:
+            self.flamingo.lang_encoder.clear_conditioned_layers()
+
+    def _generate_batch(self, images, prompt, max_new_tokens, num_beams) -> list[str]:
+        tok = self.tokenizer
+        prompt_ids = tok(self._prompt_text(prompt), add_special_tokens=False)["input_ids"]
+        # every row has the same prompt, so no padding is needed and batched == one-by-one
+        input_ids = torch.tensor([prompt_ids] * len(images), device=self.device)
+        out = self.flamingo.generate(
+            self.preprocess_images(images),
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
+        )
+        return [_clean_caption(tok.decode(row[input_ids.shape[1] :], skip_special_tokens=False), tok) for row in out]
+
+    def default_trainable(self) -> list[str]:
+        """The paper's freeze: perceiver, gated cross-attention and the LM's input embeddings."""
+        embeddings = self.flamingo.lang_encoder.get_input_embeddings()
+        embed_name = next(f"{n}." for n, m in self.named_modules() if m is embeddings)
+        return ["flamingo.perceiver.", "flamingo.lang_encoder.gated_cross_attn_layers.", embed_name]
+
+
+def _clean_caption(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    text = text.split(END_OF_CHUNK_TOKEN)[0]
+    for special in tokenizer.all_special_tokens:
+        text = text.replace(special, "")
+    return " ".join(text.split())
+
+
+def _unique_tensors(state: dict[str, torch.Tensor], to_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """One entry per storage: open_flamingo registers each decoder block and cross-attention
+    under two names, and safetensors refuses shared storage. Reloading fills both names."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, tensor in state.items():
+        ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ptr not in seen:
+            seen.add(ptr)
+            out[name] = tensor.detach().contiguous().cpu() if to_cpu else tensor
+    return out
+
+
+def _aliases(state: dict[str, torch.Tensor]) -> set[str]:
+    return set(state) - set(_unique_tensors(state))
+
+
+def _resolve_folder(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"model folder {path} lacks {', '.join(missing)}")
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), **hub_kwargs))
