@@ -6,7 +6,7 @@ Three incompatibilities, each fixed here and nowhere else:
    cache and masks positionally); open_flamingo's ``FlamingoLayer.forward`` only
    accepts keywords after the hidden states.
 2. ``generate`` no longer passes an all-ones ``attention_mask`` to ``forward``,
-   which open_flamingo's ``FlamingoLMMixin.forward`` requires.
+   which open_flamingo's ``FlamingoLMMixin.forward`` requires as an argument.
 3. ``past_key_values`` is being renamed (``cache`` in recent releases); the name
    the wrapped language model accepts is looked up from its signature.
 
@@ -69,13 +69,13 @@ class CompatFlamingoLMMixin(FlamingoLMMixin):
             )
         )
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):  # attention_mask: optional now
         if not getattr(self, "initialized_flamingo", False):
             raise ValueError("Flamingo layers are not initialized; call init_flamingo first")
         if input_ids is None:
             raise ValueError("the Flamingo language model needs input_ids to locate <image> tokens")
-        if attention_mask is None:  # generate() omits an all-ones mask
-            attention_mask = torch.ones_like(input_ids)
+        # generate() omits an all-ones mask; None is what the wrapped model expects then (a
+        # made-up mask of the new tokens' length would hide the cached prefix)
         for old, new in (("past_key_values", self._cache_argument), ("cache", self._cache_argument)):
             if old != new and old in kwargs:
                 kwargs[new] = kwargs.pop(old)
