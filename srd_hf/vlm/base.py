@@ -33,6 +33,8 @@ class CaptioningVLM(nn.Module, abc.ABC):
     adapter_name: str = ""
     #: prompt the caption follows, the paper's "a photo of" by default
     prompt: str = DEFAULT_PROMPT
+    #: read by ``transformers.Trainer`` when it reloads a checkpoint
+    _keys_to_ignore_on_save = None
 
     # ----- what each adapter implements ---------------------------------------------------
     @abc.abstractmethod

@@ -240,6 +240,17 @@ class OpenFlamingoCaptioner(CaptioningVLM):
         ``load_state_dict(strict=False)`` fills the aliases back."""
         return _unique_tensors(super().state_dict(*args, **kwargs), to_cpu=False)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts state dicts without the aliases (see :meth:`state_dict`); real gaps still count."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        aliases = _aliases(super().state_dict())
+        missing = [k for k in result.missing_keys if k not in aliases]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"state dict mismatch: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return _IncompatibleKeys(missing, result.unexpected_keys)
+
     def push_to_hub(self, repo_id: str, private: bool | None = None, commit_message: str = "Upload captioner") -> str:
         from huggingface_hub import HfApi
 
