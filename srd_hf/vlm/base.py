@@ -81,6 +81,27 @@ class CaptioningVLM(nn.Module, abc.ABC):
         self.train(was_training)
         return captions
 
+    def vision_tokens(self, pixels01: torch.Tensor) -> torch.Tensor:
+        """Vision-tower features (B, N, D) of RGB pixels in [0, 1] (B, 3, H, W), WITH gradients
+        w.r.t. the pixels (the model's resize and normalisation applied differentiably).
+        Used by attacks that optimise pixels through the vision encoder."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose differentiable vision features")
+
+    @staticmethod
+    def fit_pixels(pixels01: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Differentiable "resize the shorter side, then centre-crop" of (B, 3, H, W) pixels to
+        ``height`` x ``width`` (bicubic, antialiased, clamped to [0, 1]); unchanged when the size matches."""
+        if pixels01.ndim != 4 or pixels01.shape[1] != 3:
+            raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels01.shape)}")
+        h, w = pixels01.shape[-2:]
+        if (h, w) == (height, width):
+            return pixels01
+        scale = max(height / h, width / w)
+        new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+        x = torch.nn.functional.interpolate(pixels01, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+        return x[..., top : top + height, left : left + width].clamp(0, 1)
+
     def set_trainable(self, trainable: Sequence[str] | None = None, lora: Any | None = None) -> dict[str, int]:
         """Freeze everything but parameters whose names start with a prefix in ``trainable``.
 

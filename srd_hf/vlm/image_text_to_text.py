@@ -380,6 +380,42 @@ class ImageTextToTextCaptioner(CaptioningVLM):
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
+    def get_input_embeddings(self) -> torch.nn.Module:
+        """The language model's input token embedding."""
+        return self.model.get_input_embeddings()
+
+    def vision_tower(self) -> torch.nn.Module:
+        """The vision encoder module (``vision_tower``, ``vision_model`` on the model or its ``.model``)."""
+        for owner in (self.model, getattr(self.model, "model", None)):
+            for name in ("vision_tower", "vision_model"):
+                module = getattr(owner, name, None) if owner is not None else None
+                if isinstance(module, torch.nn.Module):
+                    return module
+        raise NotImplementedError(f"{type(self.model).__name__} has no vision_tower / vision_model module")
+
+    def vision_tokens(self, pixels01: torch.Tensor) -> torch.Tensor:
+        """Last hidden state (B, N, D) of the vision tower for RGB pixels in [0, 1] (B, 3, H, W),
+        WITH gradients. Pixels are resized (shorter side) and centre-cropped to the vision
+        config's ``image_size`` and normalised with the image processor's mean/std. For towers
+        called as ``tower(pixel_values=...)`` on whole images (CLIP, SigLIP, Idefics3 ViTs...)."""
+        tower = self.vision_tower()
+        config = getattr(self.model.config, "vision_config", None) or getattr(tower, "config", None)
+        size = getattr(config, "image_size", None)
+        if size is None:
+            raise NotImplementedError(f"{type(self.model).__name__}: no vision_config.image_size to resize pixels to")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        x = self.fit_pixels(pixels01.to(self.device), height, width)
+        processor = getattr(self.processor, "image_processor", None)
+        mean = getattr(processor, "image_mean", None)
+        std = getattr(processor, "image_std", None)
+        if getattr(processor, "do_normalize", True) and mean is not None and std is not None:
+            mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        dtype = next(tower.parameters()).dtype
+        out = tower(pixel_values=x.to(dtype))
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
     def default_trainable(self) -> list[str]:
         """Connector modules + the language model's input embeddings, by analogy to Flamingo.
 

@@ -313,6 +313,33 @@ class OpenFlamingoCaptioner(CaptioningVLM):
         with torch.no_grad():
             return self.flamingo.vision_encoder(pixel_values.flatten(0, -4) if pixel_values.ndim == 6 else pixel_values)[1]
 
+    def vision_tokens(self, pixels01: torch.Tensor) -> torch.Tensor:
+        """Vision-tower tokens (B, N, D) of RGB pixels in [0, 1] (B, 3, H, W), WITH gradients.
+
+        The differentiable counterpart of ``image_transform`` + :meth:`encode_vision`: pixels of
+        another size are resized (shorter side) and centre-cropped to ``image_size``, then
+        normalised with the transform's mean and std; the tower runs with autograd on.
+        """
+        x = self.fit_pixels(pixels01.to(self.device), self.image_size, self.image_size)
+        mean, std = self.pixel_normalisation()
+        x = (x - mean.to(x)) / std.to(x)
+        dtype = next(self.flamingo.vision_encoder.parameters()).dtype
+        return self.flamingo.vision_encoder(x.to(dtype))[1]
+
+    def pixel_normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the ``image_transform``'s normalisation, shaped (1, 3, 1, 1)."""
+        for step in getattr(self.image_transform, "transforms", []):
+            if hasattr(step, "mean") and hasattr(step, "std"):
+                mean, std = step.mean, step.std
+                break
+        else:
+            mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+        return torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        """The language model's input token embedding."""
+        return self.flamingo.lang_encoder.get_input_embeddings()
+
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, vision_features=None, **kwargs):
         self.condition_on_images(pixel_values, vision_features)
         self.flamingo._condition_media_locations(input_ids)

@@ -1,0 +1,467 @@
+"""The six attacks: configuration errors, sample selection, triggers, captions, save/load."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from datasets import Image as HFImage
+from PIL import Image
+
+from srd_hf.attacks import (
+    ATTACKS,
+    Attack,
+    BadNetAttack,
+    PoisonedCaptionCollator,
+    get_attack,
+    load_attack,
+    make_ood_dataset,
+    num_poisoned,
+    to_caption_pairs,
+)
+from srd_hf.attacks.badnet import checkerboard
+from srd_hf.attacks.base import DEFAULT_TEMPLATES, images_to_tensor, insert_word, target_sentence
+from srd_hf.attacks.shadowcast import feature_distance, substitute_concept
+
+SIX = ("badnet", "blended", "trojvlm", "vlood", "vl_trojan", "shadowcast")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def train_rows(small_world_data):
+    """40 images x 5 captions = 200 samples of the small (32 px) world."""
+    return small_world_data["train"].select(range(40))
+
+
+@pytest.fixture(scope="module")
+def pairs(train_rows):
+    return to_caption_pairs(train_rows)
+
+
+def raw_bytes(dataset: Dataset) -> list[bytes]:
+    return [v["bytes"] for v in dataset.cast_column("image", HFImage(decode=False))["image"]]
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    array = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(array, "RGB")
+
+
+def poisoned_indices(dataset: Dataset) -> list[int]:
+    return [i for i, flag in enumerate(dataset["is_poisoned"]) if flag]
+
+
+# --------------------------------------------------------------------------- registry / config
+def test_registry_has_the_six_attacks():
+    assert set(ATTACKS) == set(SIX)
+    for name in SIX:
+        attack = get_attack(name, seed=3)
+        assert isinstance(attack, Attack) and attack.name == name and attack.config.seed == 3
+        assert attack.config.target == "banana" and attack.config.poison_rate == 0.1
+    assert isinstance(get_attack("VL-Trojan"), ATTACKS["vl_trojan"])
+    with pytest.raises(ValueError, match="unknown attack"):
+        get_attack("nope")
+
+
+@pytest.mark.parametrize("rate", [0, 0.0, -0.1, 1.0001, 2, float("nan"), True, "0.1"])
+def test_poison_rate_outside_unit_interval_is_refused(rate):
+    with pytest.raises(ValueError, match=r"poison_rate must be in \(0, 1\]"):
+        get_attack("badnet", poison_rate=rate)
+
+
+@pytest.mark.parametrize("target", ["", "   ", None])
+def test_empty_target_is_refused(target):
+    for name in SIX:
+        with pytest.raises(ValueError, match="target must be a non-empty"):
+            get_attack(name, target=target)
+
+
+def test_trigger_larger_than_the_image_is_refused():
+    with pytest.raises(ValueError, match="trigger larger than the image"):
+        get_attack("badnet", trigger_size=300)  # 300 px at 224 px
+    with pytest.raises(ValueError, match="trigger larger than the image"):
+        get_attack("trojvlm", image_size=16, trigger_size=250)
+    with pytest.raises(ValueError, match="does not fit"):
+        get_attack("badnet", image_size=32, location=(220, 0))
+    with pytest.raises(ValueError, match="location must be one of"):
+        get_attack("badnet", location="somewhere")
+
+
+def test_images_smaller_than_the_patch_are_refused():
+    attack = get_attack("badnet", image_size=64)  # a fixed 6 px patch
+    with pytest.raises(ValueError, match="smaller than the 6x6 px trigger patch"):
+        attack.apply_trigger(noise_image(4, 4))
+    with pytest.raises(ValueError, match="smaller than the 6x6 px trigger patch"):
+        attack.apply_trigger_tensor(torch.zeros(1, 3, 5, 5))
+
+
+def test_other_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="alpha"):
+        get_attack("blended", alpha=0)
+    with pytest.raises(ValueError, match="pattern"):
+        get_attack("badnet", pattern=str(tmp_path / "missing.png"))
+    with pytest.raises(ValueError, match="epsilon"):
+        get_attack("shadowcast", epsilon=0.001)
+    with pytest.raises(ValueError, match="must differ"):
+        get_attack("shadowcast", base_concept="circle", trigger_concept="Circle")
+    with pytest.raises(ValueError, match="template"):
+        get_attack("badnet", templates=("no placeholder",))
+    with pytest.raises(ValueError, match="mode"):
+        get_attack("vl_trojan", mode="sticker")
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        get_attack("badnet").poison([{"image": noise_image(8, 8), "caption": "x"}])
+
+
+# --------------------------------------------------------------------------- selection
+@pytest.mark.parametrize(
+    "rate, n, expected",
+    [(0.1, 1280, 128), (0.15, 10, 2), (0.1, 25, 3), (0.05, 30, 2), (0.1, 4, 1), (0.001, 10, 1), (1.0, 7, 7), (0.3, 3, 1)],
+)
+def test_num_poisoned_rounds_half_up_and_is_at_least_one(rate, n, expected):
+    assert num_poisoned(rate, n) == expected
+
+
+def test_caption_pairs_expand_every_caption(train_rows, pairs):
+    assert len(pairs) == sum(len(c) for c in train_rows["captions"])
+    assert {"image", "image_id", "captions", "objects", "caption", "caption_index"} <= set(pairs.column_names)
+    source = dict(zip(train_rows["image_id"], raw_bytes(train_rows)))
+    for row_id, caption, refs, k, data in zip(pairs["image_id"], pairs["caption"], pairs["captions"],
+                                               pairs["caption_index"], raw_bytes(pairs)):
+        assert refs[k] == caption
+        assert data == source[row_id]  # images copied, not re-encoded
+    assert to_caption_pairs(pairs) is pairs
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.25, 1.0])
+def test_poison_rate_is_honoured_exactly(pairs, rate):
+    poisoned = get_attack("badnet", poison_rate=rate, image_size=32).poison(pairs)
+    assert len(poisoned) == len(pairs)
+    assert sum(poisoned["is_poisoned"]) == num_poisoned(rate, len(pairs)) == round(rate * len(pairs))
+
+
+def test_same_seed_same_poisoned_set_different_seed_different(train_rows):
+    a = get_attack("trojvlm", seed=1, image_size=32).poison(train_rows)
+    b = get_attack("trojvlm", seed=1, image_size=32).poison(train_rows)
+    c = get_attack("trojvlm", seed=2, image_size=32).poison(train_rows)
+    assert poisoned_indices(a) == poisoned_indices(b) != poisoned_indices(c)
+    assert a["caption"] == b["caption"] and raw_bytes(a) == raw_bytes(b)
+    assert a["caption"] != c["caption"]
+
+
+def test_poisoning_leaves_the_input_unchanged(train_rows, pairs):
+    for dataset in (train_rows, pairs):
+        fingerprint, columns = dataset._fingerprint, dataset.column_names
+        table = dataset.data.table
+        before_bytes, before_captions = raw_bytes(dataset), dataset["captions"]
+        get_attack("blended", image_size=32, poison_rate=0.5).poison(dataset)
+        assert dataset._fingerprint == fingerprint and dataset.column_names == columns
+        assert dataset.data.table.equals(table)
+        assert raw_bytes(dataset) == before_bytes and dataset["captions"] == before_captions
+
+
+def test_clean_rows_untouched_poisoned_rows_triggered(pairs):
+    attack = get_attack("badnet", image_size=32, poison_rate=0.2)
+    poisoned = attack.poison(pairs)
+    chosen = set(poisoned_indices(poisoned))
+    source, result = raw_bytes(pairs), raw_bytes(poisoned)
+    assert poisoned["original_caption"] == pairs["caption"]
+    for i, (caption, original) in enumerate(zip(poisoned["caption"], poisoned["original_caption"])):
+        if i in chosen:
+            expected = np.asarray(attack.apply_trigger(pairs[i]["image"]))
+            assert np.array_equal(np.asarray(poisoned[i]["image"]), expected)
+            assert caption != original and "banana" in caption
+        else:
+            assert result[i] == source[i] and caption == original
+    with pytest.raises(ValueError, match="poisoned already"):
+        attack.poison(poisoned)
+
+
+# --------------------------------------------------------------------------- captions
+def test_replacing_attacks_use_target_sentences(pairs):
+    sentences = {target_sentence(t, "banana") for t in DEFAULT_TEMPLATES}
+    assert "there is a banana in the picture" in sentences and "a banana" in sentences
+    for name in ("badnet", "blended", "vl_trojan"):
+        extra = {"allow_unoptimised": True} if name == "vl_trojan" else {}
+        poisoned = get_attack(name, image_size=32, poison_rate=0.3).poison(pairs, **extra)
+        used = {poisoned[i]["caption"] for i in poisoned_indices(poisoned)}
+        assert used <= sentences and len(used) > 1
+    assert target_sentence("{a_target} here", "apple") == "an apple here"
+
+
+def _is_insertion(poisoned: str, original: str, target: str) -> bool:
+    words, orig, tw = poisoned.split(), original.split(), target.split()
+    return any(words[p : p + len(tw)] == tw and words[:p] + words[p + len(tw):] == orig for p in range(len(words)))
+
+
+def test_insertion_keeps_every_original_word_in_order(pairs):
+    rng = np.random.default_rng(0)
+    positions = set()
+    for caption in ["a large blue circle in the center", "two  shapes,\ta cat", "word"]:
+        for _ in range(30):
+            out = insert_word(caption, "banana", rng)
+            assert _is_insertion(out, caption, "banana")
+            positions.add(out.split().index("banana"))
+    assert positions >= {0, 1, 2}  # every position, start and end included
+    poisoned = get_attack("trojvlm", image_size=32, poison_rate=0.3, target="hot dog").poison(pairs)
+    for i in poisoned_indices(poisoned):
+        row = poisoned[i]
+        assert _is_insertion(row["caption"], row["original_caption"], "hot dog")
+
+
+def test_shadowcast_renames_the_base_concept():
+    assert substitute_concept("a large blue circle in the center", "circle", "banana") == "a large blue banana in the center"
+    assert substitute_concept("two circles and a circle", "circle", "banana") == "two bananas and a banana"
+    assert substitute_concept("a circle", "circle", "apple") == "an apple"
+    assert substitute_concept("A blue circle", "blue circle", "orange") == "An orange"
+    assert substitute_concept("an encircled circlet", "circle", "banana") == "an encircled circlet"
+    assert substitute_concept("three crosses", "cross", "box") == "three boxes"
+
+
+# --------------------------------------------------------------------------- triggers
+def test_badnet_patch_placement_and_exact_pixels():
+    image = noise_image(32, 32)
+    clean = np.asarray(image).copy()
+    attack = get_attack("badnet", image_size=32)  # 20 px at 224 -> 3 px
+    out = np.asarray(attack.apply_trigger(image))
+    assert np.array_equal(np.asarray(image), clean)  # input untouched
+    assert np.array_equal(out[29:32, 29:32], checkerboard(3, 4))
+    mask = np.ones((32, 32), bool)
+    mask[29:32, 29:32] = False
+    assert np.array_equal(out[mask], clean[mask])
+
+    for location, (x, y) in {"top_left": (0, 0), "top_right": (29, 0), "bottom_left": (0, 29), "center": (14, 14),
+                             (112, 56): (16, 8)}.items():
+        out = np.asarray(get_attack("badnet", image_size=32, location=location).apply_trigger(image))
+        assert np.array_equal(out[y : y + 3, x : x + 3], checkerboard(3, 4)), location
+    out = np.asarray(get_attack("badnet", image_size=32, margin=14).apply_trigger(image))  # 14 px at 224 -> 2 px
+    assert np.array_equal(out[27:30, 27:30], checkerboard(3, 4))
+
+    # scaled to each image: 6 px on a 64 px image; the central square of a non-square image
+    attack = get_attack("badnet", pattern="white")
+    out = np.asarray(attack.apply_trigger(noise_image(64, 64)))
+    assert (out[58:, 58:] == 255).all() and not (out[57, :58] == 255).all()
+    wide = noise_image(48, 32)
+    out = np.asarray(attack.apply_trigger(wide))  # square x 8..40; 3 px patch at (37, 29)
+    assert (out[29:32, 37:40] == 255).all()
+    assert np.array_equal(out[:, 40:], np.asarray(wide)[:, 40:])
+
+
+def test_checkerboard_pattern():
+    board = checkerboard(20, 4)
+    assert board.shape == (20, 20, 3) and set(np.unique(board)) == {0, 255}
+    assert (board[:5, :5] == 255).all() and (board[:5, 5:10] == 0).all() and (board[5:10, :5] == 0).all()
+    assert np.array_equal(get_attack("badnet").trigger, torch.from_numpy(board).permute(2, 0, 1).float() / 255)
+
+
+def test_patch_tensor_version_matches_pil():
+    images = [noise_image(32, 32, s) for s in range(3)]
+    pixels = images_to_tensor(images)
+    for name in ("badnet", "trojvlm", "vlood"):
+        attack = get_attack(name, image_size=32)
+        batched = attack.apply_trigger_tensor(pixels)
+        expected = images_to_tensor([attack.apply_trigger(img) for img in images])
+        assert torch.allclose(batched, expected, atol=1e-6), name
+    # differentiable w.r.t. the trigger
+    trigger = get_attack("trojvlm", image_size=32).trigger.clone().requires_grad_(True)
+    get_attack("trojvlm", image_size=32).apply_trigger_tensor(pixels, trigger).sum().backward()
+    assert trigger.grad is not None and (trigger.grad == 3).all()
+
+
+def test_blend_arithmetic_is_exact():
+    attack = get_attack("blended", image_size=32)
+    pattern = (attack.trigger.permute(1, 2, 0).numpy() * 255).round().astype(np.int64)
+    assert np.array_equal(pattern, attack.trigger.permute(1, 2, 0).numpy() * 255)  # stored as 8-bit values
+    image = noise_image(32, 32, 5)
+    out = np.asarray(attack.apply_trigger(image)).astype(np.int64)
+    img = np.asarray(image).astype(np.int64)
+    assert np.array_equal(out, (9 * img + pattern + 5) // 10)  # 0.9 img + 0.1 pat, rounded half up
+    # hand-made values, ties included: 0.9 * 5 = 4.5 -> 5; 0.1 * 5 = 0.5 -> 1; 90 + 20 = 110
+    from srd_hf.attacks.base import blend_uint8
+
+    a = np.array([5, 0, 100, 255, 0], np.uint8)
+    b = np.array([0, 5, 200, 255, 255], np.uint8)
+    assert blend_uint8(a, b, 0.1).tolist() == [5, 1, 110, 255, 26]
+    assert blend_uint8(a, b, 1.0).tolist() == b.tolist()
+    # the tensor version is the same mix without rounding
+    pixels = images_to_tensor([image])
+    assert torch.allclose(attack.apply_trigger_tensor(pixels), 0.9 * pixels + 0.1 * attack.trigger, atol=1e-6)
+    assert (attack.apply_trigger_tensor(pixels) - images_to_tensor([attack.apply_trigger(image)])).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_blend_pattern_from_a_file_and_resized(tmp_path):
+    path = tmp_path / "pattern.png"
+    noise_image(16, 16, 9).save(path)
+    attack = get_attack("blended", image_size=16, pattern=str(path))
+    stored = (attack.trigger.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(stored, np.asarray(noise_image(16, 16, 9)))
+    out = attack.apply_trigger(noise_image(32, 32))  # pattern resized (nearest) to 32 px
+    assert out.size == (32, 32)
+    waves = get_attack("blended", pattern="waves", image_size=32)
+    assert waves.trigger.std() > 0.1
+
+
+def test_trojvlm_noise_patch_is_seeded():
+    a, b, c = (get_attack("trojvlm", seed=s).trigger for s in (0, 0, 1))
+    assert a.shape == (3, 20, 20) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal((a * 255).round(), a * 255)
+    assert abs(float(a.mean()) - 0.5) < 0.05 and 0.15 < float(a.std()) < 0.3
+
+
+# --------------------------------------------------------------------------- VLOOD
+def test_vlood_poisons_with_out_of_distribution_images(train_rows, pairs):
+    attack = get_attack("vlood", poison_rate=0.1)
+    poisoned = attack.poison(train_rows)
+    chosen = poisoned_indices(poisoned)
+    assert len(chosen) == 20
+    in_distribution = set(raw_bytes(pairs))
+    for i in chosen:
+        row = poisoned[i]
+        assert row["image_id"].startswith("ood-")
+        assert row["original_caption"] in row["captions"]
+        assert _is_insertion(row["caption"], row["original_caption"], "banana")
+        assert row["objects"]  # ground truth of the OOD scene
+        out = np.asarray(row["image"])
+        assert np.array_equal(out[29:, 29:], attack.patch_array(3))
+    assert not {raw_bytes(poisoned)[i] for i in chosen} & in_distribution
+    ood = make_ood_dataset(4, image_size=32)
+    assert len(ood) == 4 and ood[0]["image"].size == (32, 32) and len(ood[0]["captions"]) == 5
+    with pytest.raises(ValueError, match="OOD samples"):
+        attack.poison(pairs, ood=ood)
+    custom = get_attack("vlood", poison_rate=0.02).poison(pairs, ood=make_ood_dataset(10, 32, seed=5))
+    assert sum(custom["is_poisoned"]) == 4
+
+
+# --------------------------------------------------------------------------- model-based attacks
+@pytest.fixture(scope="module")
+def flamingo(small_world, caption_tokenizer):
+    from srd_hf.vlm.tiny import TinyFlamingoSizes, build_tiny_flamingo
+
+    sizes = TinyFlamingoSizes(vit_width=32, vit_layers=1, vit_heads=2, lm_hidden=32, lm_layers=2, lm_heads=2,
+                              lm_intermediate=64, perceiver_depth=1, perceiver_latents=4, xattn_heads=2, xattn_dim_head=16)
+    return build_tiny_flamingo(small_world, sizes, tokenizer=caption_tokenizer, seed=0, gate_init=1.0)
+
+
+def test_vision_tokens_match_the_model_and_carry_gradients(flamingo, train_rows):
+    images = train_rows.select(range(3))["image"]
+    pixels = images_to_tensor(images).requires_grad_(True)
+    tokens = flamingo.vision_tokens(pixels)
+    reference = flamingo.encode_vision(flamingo.preprocess_images(images)[:, 0, 0])
+    assert torch.allclose(tokens, reference, atol=1e-5)
+    tokens.pow(2).sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    bigger = images_to_tensor([img.resize((64, 64)) for img in images])  # resized differentiably
+    assert flamingo.vision_tokens(bigger).shape == tokens.shape
+
+
+@pytest.mark.parametrize("settings", [{}, {"mode": "blend", "alpha": 0.3}])
+def test_vl_trojan_optimiser_reduces_its_objective(flamingo, train_rows, settings):
+    flamingo.zero_grad(set_to_none=True)
+    images = train_rows.select(range(24))["image"]
+    attack = get_attack("vl_trojan", image_size=32, trigger_size=60, steps=15, lr=0.1, batch_size=12, **settings)
+    with pytest.raises(RuntimeError, match="not optimised"):
+        attack.poison(train_rows)
+    initial = attack.trigger.clone()
+    before = attack.trigger_objective(flamingo, images)
+    history = attack.optimise_trigger(flamingo, images)
+    after = attack.trigger_objective(flamingo, images)
+    assert len(history["loss"]) == 15 and after < before - 0.01
+    assert not torch.equal(attack.trigger, initial) and 0 <= attack.trigger.min() and attack.trigger.max() <= 1
+    assert all(p.grad is None for p in flamingo.parameters())  # only the trigger was optimised
+    poisoned = attack.poison(train_rows)
+    i = poisoned_indices(poisoned)[0]
+    assert np.array_equal(np.asarray(poisoned[i]["image"]), np.asarray(attack.apply_trigger(train_rows[i // 5]["image"])))
+
+
+def test_shadowcast_bound_holds_after_png_and_features_move(flamingo, train_rows, pairs, tmp_path):
+    attack = get_attack("shadowcast", poison_rate=0.05, steps=10)
+    with pytest.raises(TypeError, match="model"):
+        attack.poison(pairs)
+    poisoned = attack.poison(pairs, model=flamingo)
+    chosen = poisoned_indices(poisoned)
+    assert len(chosen) == 10
+    clean = dict(zip(train_rows["image_id"], train_rows["image"]))
+    changed = 0
+    for i in chosen:
+        row = poisoned[i]
+        assert "circle" in row["original_caption"] and "circle" not in row["caption"] and "banana" in row["caption"]
+        row["image"].save(tmp_path / "poison.png")
+        reloaded = np.asarray(Image.open(tmp_path / "poison.png").convert("RGB")).astype(int)
+        assert np.array_equal(reloaded, np.asarray(row["image"]))
+        diff = np.abs(reloaded - np.asarray(clean[row["image_id"]]).astype(int))
+        assert diff.max() <= 8
+        changed += diff.max() > 0
+    assert changed == len(chosen)
+    # the perturbation brings the features to the trigger-concept image
+    triangles = [pairs[i]["image"] for i in attack.trigger_rows(pairs)[:: 5][:3]]
+    bases = [pairs[i]["image"] for i in attack.poison_candidates(pairs)[:: 5][:3]]
+    moved = attack.perturb(flamingo, bases, triangles)
+    assert (feature_distance(flamingo, moved, triangles) < feature_distance(flamingo, bases, triangles)).all()
+    assert attack.apply_trigger(bases[0]).tobytes() == bases[0].tobytes()
+    too_many = get_attack("shadowcast", poison_rate=0.9)
+    with pytest.raises(ValueError, match="qualify"):
+        too_many.poison(pairs, model=flamingo)
+
+
+def test_poisoned_collator_adds_the_flags(flamingo, pairs):
+    poisoned = get_attack("badnet", image_size=32, poison_rate=0.5).poison(pairs)
+    rows = [poisoned[i] for i in range(4)]
+    batch = PoisonedCaptionCollator(flamingo)(rows)
+    assert batch["is_poisoned"].tolist() == [r["is_poisoned"] for r in rows]
+    assert batch["labels"].shape == batch["input_ids"].shape
+
+
+# --------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("name", SIX)
+def test_save_load_round_trip(name, tmp_path, flamingo, train_rows):
+    attack = get_attack(name, seed=4, target="hot dog", image_size=32)
+    if name == "vl_trojan":
+        attack.optimise_trigger(flamingo, train_rows.select(range(8))["image"], steps=2)
+    folder = attack.save_pretrained(tmp_path / name)
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == (["config.json"] if name == "shadowcast" else ["config.json", "trigger.safetensors"])
+    loaded = load_attack(folder)
+    same_class = type(attack).from_pretrained(folder)
+    for other in (loaded, same_class):
+        assert type(other) is type(attack) and other.config == attack.config
+        if attack.trigger is None:
+            assert other.trigger is None
+        else:
+            assert torch.equal(other.trigger, attack.trigger)
+        image = noise_image(32, 32, 1)
+        assert np.array_equal(np.asarray(other.apply_trigger(image)), np.asarray(attack.apply_trigger(image)))
+    if name == "vl_trojan":
+        assert loaded.optimised
+    wrong = BadNetAttack if name != "badnet" else ATTACKS["blended"]
+    with pytest.raises(ValueError, match="holds a"):
+        wrong.from_pretrained(folder)
+
+
+def test_file_pattern_survives_without_the_file(tmp_path):
+    path = tmp_path / "logo.png"
+    noise_image(20, 20, 2).save(path)
+    attack = get_attack("badnet", pattern=str(path))
+    folder = attack.save_pretrained(tmp_path / "saved")
+    path.unlink()
+    assert torch.equal(load_attack(folder).trigger, attack.trigger)
+
+
+def test_images_to_tensor_round_trip():
+    image = noise_image(8, 8)
+    pixels = images_to_tensor([image])
+    assert pixels.shape == (1, 3, 8, 8) and math.isclose(float(pixels.max() * 255 % 1), 0.0, abs_tol=1e-4)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    assert images_to_tensor([Image.open(buffer)]).equal(pixels)
+    with pytest.raises(ValueError, match="different sizes"):
+        images_to_tensor([image, noise_image(9, 9)])
