@@ -47,7 +47,7 @@ def test_pretrain_recipe_runs_saves_a_card_and_resumes(tmp_path):
     second = _run(out)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((out / "metrics.json").read_text())
-    assert again["vision_cell_exact_accuracy"] == metrics["vision_cell_exact_accuracy"]
+    assert again["vision_exact_set_accuracy"] == metrics["vision_cell_exact_accuracy"]
     assert again["test"]["examples"] == metrics["test"]["examples"]
 
     # a finished run is reused, not retrained
@@ -92,14 +92,31 @@ def test_occluder_is_pasted_inside_the_image(small_world_data):
         paste_random_occluder(image.resize((4, 4)), random.Random(0), (6,))
 
 
-def test_object_probe_learns_from_tokens(tiny_flamingo, small_world_data):
+def test_patch_targets_label_the_object_pixels(small_world_data, small_world):
+    from srd_hf.data.synthetic import COLOURS, SHAPES
+    from srd_hf.pretraining import objects_from_patches, patch_targets
+
+    for row in small_world_data["train"].select(range(20)):
+        labels = patch_targets(row["image"], row["objects"], small_world.patch_size, small_world.grid)
+        assert labels.shape == (3, 16) and (labels[0] == 0).any()
+        colours = {list(COLOURS)[i - 1] for i in labels[0].tolist() if i}
+        shapes = {SHAPES[i - 1] for i in labels[1].tolist() if i}
+        assert colours <= {o["colour"] for o in row["objects"]} and shapes <= {o["shape"] for o in row["objects"]}
+        # the ground-truth labels read back as the true object set whenever every object is visible
+        if len(colours) == len({o["colour"] for o in row["objects"]}):
+            assert objects_from_patches(labels[0], labels[1], small_world.grid) <= {(o["colour"], o["shape"]) for o in row["objects"]}
+
+
+def test_object_probe_trains_the_tower(tiny_flamingo, small_world_data, small_world):
     import torch
 
+    from srd_hf.pretraining import patch_targets
+
     visual = tiny_flamingo.flamingo.vision_encoder
-    probe = ObjectProbe(visual, visual.transformer.width, heads=2)
+    probe = ObjectProbe(visual, visual.transformer.width)
     rows = small_world_data["train"].select(range(8))
     pixels = torch.stack([tiny_flamingo.image_transform(img) for img in rows["image"]])
-    cells, present = zip(*(object_targets(o) for o in rows["objects"]))
-    out = probe(pixels, torch.stack(cells), torch.stack(present))
+    patches = torch.stack([patch_targets(img, o, small_world.patch_size, small_world.grid) for img, o in zip(rows["image"], rows["objects"])])
+    out = probe(pixels, patches)
     out["loss"].backward()
     assert next(visual.parameters()).grad is not None
