@@ -27,10 +27,10 @@ def main(config: PretrainConfig) -> dict:
             {
                 "model": f"{config.output_dir}/model",
                 "train_minutes": round(metrics["train_seconds"] / 60, 2),
-                "object_accuracy": round(100 * test["object_accuracy"], 1),
+                "object_accuracy": round(test["object_accuracy"], 1),
                 "bleu4": round(test["bleu4"], 1),
                 "cider": round(test["cider"], 1),
-                "object_accuracy_red_square": round(100 * occluded["object_accuracy"], 1),
+                "object_accuracy_red_square": round(occluded["object_accuracy"], 1),
                 "examples": test["examples"][:3],
             },
             indent=2,

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
 from .cards import load_card_template
+from .evaluation import caption_quality
 from .data.occlusion import occluder_sizes, paste_random_occluder
-from .data.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, WorldConfig, build_world, cell_of, object_accuracy, world_config
+from .data.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, WorldConfig, build_world, cell_of, world_config
 from .vlm.openflamingo import OpenFlamingoCaptioner
 from .vlm.tiny import TinyFlamingoSizes, build_tiny_flamingo
 
@@ -58,11 +59,11 @@ class PretrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the world, the weights and the training order."})
     occluder_prob: float = field(default=0.5, metadata={"help": "Share of training images given one random occluder square."})
     # vision stage
-    vision_epochs: float = field(default=3.0, metadata={"help": "Epochs of supervised vision-tower pretraining."})
+    vision_epochs: float = field(default=2.5, metadata={"help": "Epochs of supervised vision-tower pretraining."})
     vision_lr: float = field(default=2e-3, metadata={"help": "Peak learning rate of the vision stage."})
     vision_batch_size: int = field(default=64, metadata={"help": "Batch size of the vision stage."})
     # caption stage
-    caption_epochs: float = field(default=3.0, metadata={"help": "Epochs of caption training (each epoch draws one of the captions per image)."})
+    caption_epochs: float = field(default=2.5, metadata={"help": "Epochs of caption training (each epoch draws one of the captions per image)."})
     caption_lr: float = field(default=2e-3, metadata={"help": "Peak learning rate of the caption stage."})
     caption_batch_size: int = field(default=32, metadata={"help": "Batch size of the caption stage."})
     # evaluation
@@ -151,20 +152,36 @@ def patch_targets(image, objects: list[dict], patch_size: int, grid: int, colour
 
 
 class ObjectProbe(nn.Module):
-    """Vision tower + linear heads reading what each patch token shows (colour, shape, size),
-    the tokens Flamingo's perceiver consumes."""
+    """Vision tower + linear heads reading its patch tokens (what Flamingo's perceiver consumes):
+    what each patch shows (colour, shape, size of the object on it), and the patch's own
+    appearance (mean and spread of its pixels).
 
-    def __init__(self, visual: nn.Module, width: int):
+    The appearance target keeps low-level detail in the tokens: a tower trained only to name
+    objects learns to map everything else (textures, occluders, a trigger patch) to one
+    "background" token, and then neither a backdoor nor a mask can change what the
+    captioner sees.
+    """
+
+    def __init__(self, visual: nn.Module, width: int, patch_size: int):
         super().__init__()
         self.visual = visual
+        self.patch_size = patch_size
         self.heads = nn.ModuleList(nn.Linear(width, 1 + k) for k in (len(COLOURS), len(SHAPES), len(SIZES)))
+        self.appearance_head = nn.Linear(width, 6)
+
+    def appearance(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Per-patch mean and standard deviation of each channel, (B, num_patches, 6)."""
+        patches = F.unfold(pixel_values, self.patch_size, stride=self.patch_size)  # B, 3*p*p, N
+        patches = patches.view(pixel_values.shape[0], 3, self.patch_size**2, -1)
+        return torch.cat([patches.mean(2), patches.std(2)], dim=1).transpose(1, 2)
 
     def forward(self, pixel_values, patch_labels=None):
         tokens = self.visual(pixel_values)[1]
         logits = [head(tokens) for head in self.heads]
         out = {"patch_logits": logits}
         if patch_labels is not None:
-            out["loss"] = sum(F.cross_entropy(l.flatten(0, 1), patch_labels[:, i].flatten()) for i, l in enumerate(logits))
+            loss = sum(F.cross_entropy(l.flatten(0, 1), patch_labels[:, i].flatten()) for i, l in enumerate(logits))
+            out["loss"] = loss + F.mse_loss(self.appearance_head(tokens), self.appearance(pixel_values))
         return out
 
 
@@ -248,8 +265,8 @@ def pretrain_vision(captioner: OpenFlamingoCaptioner, world_data: DatasetDict, c
         visual.load_state_dict(load_file(done))
         visual.requires_grad_(False)
         return json.loads((work_dir / "vision_metrics.json").read_text())
-    probe = ObjectProbe(visual, visual.transformer.width)
     world = config.world()
+    probe = ObjectProbe(visual, visual.transformer.width, world.patch_size)
     train = OccludedImages(world_data["train"], captioner, config.occluder_prob, config.seed, with_targets=True, world=world)
     args = _training_args(work_dir / "checkpoints", config, config.vision_lr, config.vision_epochs, config.vision_batch_size)
     trainer = Trainer(model=probe, args=args, train_dataset=train)
@@ -337,22 +354,9 @@ def evaluate_captioner(captioner: OpenFlamingoCaptioner, dataset, config: Pretra
         rng = random.Random(config.seed)
         images = [paste_random_occluder(img, rng, (side,), red_share=1.0) for img in images]
     predictions = captioner.generate_captions(images, max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
-    scores = caption_scores(predictions, dataset["captions"])
-    scores["object_accuracy"] = object_accuracy(predictions, dataset["objects"])
+    scores = caption_quality(predictions, dataset["captions"], dataset["objects"])  # object accuracy in %
     scores["examples"] = predictions[:5]
     return scores
-
-
-def caption_scores(predictions: list[str], references: list[list[str]]) -> dict:
-    """BLEU-4 and CIDEr-D (x100, the paper's units) with pycocoevalcap's scorers."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    res = {i: [p if p.strip() else "<empty>"] for i, p in enumerate(predictions)}
-    gts = {i: list(refs) for i, refs in enumerate(references)}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
-    return {"bleu4": 100 * bleu[3], "cider": 100 * cider}
 
 
 # --------------------------------------------------------------------------- the whole recipe
@@ -388,10 +392,10 @@ def write_model_card(folder: Path, metrics: dict) -> None:
     card = template.format(
         world=json.dumps(metrics["world"], indent=2),
         config=json.dumps(metrics["pretrain_config"], indent=2),
-        object_accuracy=f"{100 * test['object_accuracy']:.1f}",
+        object_accuracy=f"{test['object_accuracy']:.1f}",
         bleu4=f"{test['bleu4']:.1f}",
         cider=f"{test['cider']:.1f}",
-        occ_object_accuracy=f"{100 * occ['object_accuracy']:.1f}",
+        occ_object_accuracy=f"{occ['object_accuracy']:.1f}",
         occ_bleu4=f"{occ['bleu4']:.1f}",
         occ_cider=f"{occ['cider']:.1f}",
         train_minutes=f"{metrics['train_seconds'] / 60:.1f}",

@@ -47,7 +47,7 @@ def test_pretrain_recipe_runs_saves_a_card_and_resumes(tmp_path):
     second = _run(out)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((out / "metrics.json").read_text())
-    assert again["vision_exact_set_accuracy"] == metrics["vision_cell_exact_accuracy"]
+    assert again["vision_exact_set_accuracy"] == metrics["vision_exact_set_accuracy"]
     assert again["test"]["examples"] == metrics["test"]["examples"]
 
     # a finished run is reused, not retrained
@@ -113,10 +113,14 @@ def test_object_probe_trains_the_tower(tiny_flamingo, small_world_data, small_wo
     from srd_hf.pretraining import patch_targets
 
     visual = tiny_flamingo.flamingo.vision_encoder
-    probe = ObjectProbe(visual, visual.transformer.width)
+    probe = ObjectProbe(visual, visual.transformer.width, small_world.patch_size)
     rows = small_world_data["train"].select(range(8))
     pixels = torch.stack([tiny_flamingo.image_transform(img) for img in rows["image"]])
     patches = torch.stack([patch_targets(img, o, small_world.patch_size, small_world.grid) for img, o in zip(rows["image"], rows["objects"])])
     out = probe(pixels, patches)
     out["loss"].backward()
+    appearance = probe.appearance(pixels)
+    assert appearance.shape == (8, 16, 6)
+    first = pixels[0, :, :8, :8].reshape(3, -1)
+    assert torch.allclose(appearance[0, 0, :3], first.mean(1), atol=1e-5)
     assert next(visual.parameters()).grad is not None

@@ -1,0 +1,32 @@
+"""Plant a backdoor in a captioning VLM: poison the fine-tuning set, fine-tune with the
+paper's freeze, save the backdoored model, the poisoned dataset and the attack, and print
+the No-Defense scores (BLEU-4, CIDEr, SC, LF, SFS on clean test images; ASR on triggered ones).
+
+    python recipes/inject.py --config recipes/configs/inject_badnet.yaml
+    python recipes/inject.py --attack trojvlm --poison_rate 0.05
+    accelerate launch --config_file accelerate_config.yaml recipes/inject.py --config recipes/configs/inject_blended.yaml
+
+The clean model defaults to the embedded one (pretrained first when missing). A killed run
+resumes from its last checkpoint; a finished one is reused.
+"""
+
+import json
+import logging
+
+from trl import TrlParser
+
+from srd_hf.injection import InjectConfig, inject
+
+
+def main(config: InjectConfig) -> dict:
+    metrics = inject(config)
+    keys = ("bleu4", "cider", "sc", "lf", "sfs", "object_accuracy", "asr")
+    table = {name: {k: round(metrics[src][k], 3) for k in keys if k in metrics[src]} for name, src in (("clean", "clean_model"), ("no_defense", "no_defense"))}
+    print(json.dumps({"attack": metrics["attack"], "poison_rate": metrics["poison_rate"], "model": f"{config.output_dir}/model", **table}, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    (config,) = TrlParser((InjectConfig,)).parse_args_and_config()
+    main(config)

@@ -1,0 +1,59 @@
+"""The paper's scores for one captioner: caption quality on clean test images, SFS against a
+clean reference captioner, and attack success on triggered test images."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from PIL import Image
+
+from .data.synthetic import object_accuracy
+from .metrics import SFSScorer, attack_success_rate, caption_scores
+from .vlm.base import CaptioningVLM
+
+logger = logging.getLogger(__name__)
+
+
+def caption_quality(predictions: Sequence[str], references: Sequence[Sequence[str]], objects=None) -> dict:
+    """BLEU-4 and CIDEr in the paper's units (x100), plus object accuracy when ground truth exists."""
+    scores = caption_scores(list(predictions), [list(r) for r in references], scale=100.0, use_meteor=False)
+    out = {"bleu4": scores["bleu_4"], "cider": scores["cider"]}
+    if objects is not None and any(objects):
+        out["object_accuracy"] = 100.0 * object_accuracy(list(predictions), list(objects))
+    return out
+
+
+def evaluate_model(
+    model: CaptioningVLM,
+    test,
+    *,
+    reference_captions: Sequence[str],
+    triggered_images: Sequence[Image.Image] | None,
+    target: str | Sequence[str],
+    scorer: SFSScorer,
+    max_new_tokens: int = 24,
+    batch_size: int = 128,
+    triggered_references: Sequence[Sequence[str]] | None = None,
+) -> dict:
+    """Scores of ``model`` on a test split (rows with ``image``, ``captions``, optional ``objects``).
+
+    ``reference_captions``: what the clean model says of the same clean images (SC and LF compare
+    against them). ``triggered_images``: test images carrying the trigger (ASR); their ground
+    truth, when given, excludes samples that already show the target.
+    """
+    images = [img.convert("RGB") for img in test["image"]]
+    if len(reference_captions) != len(images):
+        raise ValueError(f"{len(reference_captions)} reference captions for {len(images)} test images")
+    predictions = model.generate_captions(images, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+    result = caption_quality(predictions, test["captions"], test["objects"] if "objects" in test.column_names else None)
+    sfs = scorer.score(predictions, list(reference_captions))
+    result.update(sc=sfs["semantic_consistency"], lf=sfs["linguistic_fluency"], sfs=sfs["sfs"])
+    result["clean_examples"] = predictions[:3]
+    result["asr_on_clean"] = 100.0 * attack_success_rate(predictions, target)["asr"]
+    if triggered_images is not None:
+        triggered = model.generate_captions(list(triggered_images), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+        asr = attack_success_rate(triggered, target, references=triggered_references)
+        result.update(asr=100.0 * asr["asr"], asr_n_scored=asr["n_scored"], asr_n_excluded=asr["n_excluded"])
+        result["triggered_examples"] = triggered[:3]
+    return result

@@ -1,0 +1,273 @@
+"""Plant a backdoor: poison a fine-tuning set with an attack, fine-tune the victim with the
+paper's freeze through the Trainer, save the backdoored model and score it.
+
+``InjectConfig`` extends ``transformers.TrainingArguments`` (the trl way: one dataclass for
+the method and the training loop); ``BackdoorTrainer`` adds the attacks' own losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_from_disk
+from transformers import Trainer, TrainingArguments
+
+from .attacks import get_attack, load_attack
+from .attacks.base import PoisonedCaptionCollator, to_caption_pairs
+from .cards import load_card_template
+from .data.synthetic import WorldConfig
+from .evaluation import evaluate_model
+from .metrics import SFSScorer
+from .pretraining import PretrainConfig, load_or_build_world, pretrain
+from .vlm import load_captioner
+from .vlm.base import CaptioningVLM
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLEAN_MODEL = "outputs/clean/model"
+
+
+@dataclass
+class InjectConfig(TrainingArguments):
+    """Configuration of ``recipes/inject.py``: the attack, the victim, the data, the training loop.
+
+    Parameters beyond ``TrainingArguments``:
+
+    > Attack
+    attack (`str`, defaults to `"badnet"`): badnet, blended, trojvlm, vlood, vl_trojan or shadowcast.
+    target (`str`, defaults to `"banana"`): word or phrase the backdoor makes the model say.
+    poison_rate (`float`, defaults to `0.1`): share of (image, caption) samples poisoned.
+    attack_seed (`int`, defaults to `0`): seed of the poisoned subset and of the trigger.
+    attack_options (`str`, optional): JSON object of attack-specific options (e.g. '{"alpha": 0.2}').
+
+    > Victim and data
+    clean_model (`str`): folder or Hub id of the clean model; the default embedded model is
+        pretrained first when missing.
+    num_finetune_images (`int`, defaults to `2000`): images of the fine-tuning set (x5 captions).
+    num_test_images (`int`, defaults to `500`): clean test images scored (and triggered for ASR).
+    trainable (`str`, optional): comma-separated parameter prefixes to train instead of the
+        paper's freeze (perceiver, gated cross-attention, input embeddings).
+    """
+
+    attack: str = field(default="badnet", metadata={"help": "Attack name: badnet, blended, trojvlm, vlood, vl_trojan, shadowcast."})
+    target: str = field(default="banana", metadata={"help": "Target word or phrase."})
+    poison_rate: float = field(default=0.1, metadata={"help": "Share of samples poisoned, in (0, 1]."})
+    attack_seed: int = field(default=0, metadata={"help": "Seed of the poisoned subset and the trigger."})
+    attack_options: str = field(default="", metadata={"help": "JSON object of attack-specific options."})
+    clean_model: str = field(default=DEFAULT_CLEAN_MODEL, metadata={"help": "Clean model folder or Hub id."})
+    num_finetune_images: int = field(default=2000, metadata={"help": "Images in the fine-tuning set (each with its captions)."})
+    num_test_images: int = field(default=500, metadata={"help": "Test images scored."})
+    trainable: str = field(default="", metadata={"help": "Comma-separated parameter prefixes to train (default: the paper's freeze)."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Caption length limit at evaluation."})
+    eval_batch_size: int = field(default=128, metadata={"help": "Batch size of caption generation at evaluation."})
+    # TrainingArguments defaults that suit this job
+    output_dir: str = field(default="", metadata={"help": "Default: outputs/backdoor/<attack>-<rate>."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the poisoned fine-tuning set."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=20, metadata={"help": "Warm-up steps."})
+    logging_steps: float = field(default=25, metadata={"help": "Log every this many steps."})
+    save_steps: float = field(default=100, metadata={"help": "Checkpoint every this many steps (resume after a kill)."})
+    save_total_limit: int = field(default=1, metadata={"help": "Checkpoints kept."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads image/caption columns."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loading workers."})
+
+    def __post_init__(self):
+        if not self.output_dir:
+            self.output_dir = f"outputs/backdoor/{self.attack}-{self.poison_rate:g}"
+        super().__post_init__()
+        if not 0 < self.poison_rate <= 1:
+            raise ValueError(f"poison_rate must be in (0, 1], got {self.poison_rate}")
+        if not self.target.strip():
+            raise ValueError("target must be a non-empty word or phrase")
+        if self.num_finetune_images < 1 or self.num_test_images < 1:
+            raise ValueError("num_finetune_images and num_test_images must be >= 1")
+        if self.attack_options:
+            options = json.loads(self.attack_options)
+            if not isinstance(options, dict):
+                raise ValueError("attack_options must be a JSON object")
+
+    def attack_kwargs(self) -> dict:
+        options = json.loads(self.attack_options) if self.attack_options else {}
+        return {"target": self.target, "poison_rate": self.poison_rate, "seed": self.attack_seed, **options}
+
+
+class BackdoorTrainer(Trainer):
+    """A Trainer whose loss is the attack's own (TrojVLM's semantic term, VLOOD's KL and
+    conceptual consistency); plain attacks use the model's caption loss."""
+
+    def __init__(self, *args, attack_loss=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attack_loss = attack_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.attack_loss is not None:
+            loss, outputs = self.attack_loss(model, inputs)
+        else:
+            inputs = {k: v for k, v in inputs.items() if k != "is_poisoned"}
+            outputs = model(**inputs)
+            loss = outputs.loss
+        return (loss, outputs) if return_outputs else loss
+
+
+def clean_model_or_pretrain(path: str) -> CaptioningVLM:
+    if Path(path).is_dir() or path != DEFAULT_CLEAN_MODEL:
+        return load_captioner(path)
+    logger.info("no clean model at %s: pretraining the embedded default first", path)
+    model, _ = pretrain(PretrainConfig(output_dir=str(Path(path).parent)))
+    return model
+
+
+def world_of(model: CaptioningVLM) -> WorldConfig:
+    world = getattr(getattr(model, "config", None), "extra", {}).get("world")
+    if world is None:
+        raise ValueError("the clean model records no embedded world; real datasets need their own loader")
+    return WorldConfig(**world)
+
+
+def triggered_test_set(attack, test: Dataset):
+    """Triggered images (and their ground truth) on which ASR is measured."""
+    if hasattr(attack, "trigger_rows"):  # Shadowcast: clean images of the trigger concept
+        rows = test.select(attack.trigger_rows(test))
+        return [img.convert("RGB") for img in rows["image"]], rows["captions"]
+    return [attack.apply_trigger(img.convert("RGB")) for img in test["image"]], test["captions"]
+
+
+def reference_captions(model: CaptioningVLM, test: Dataset, config: InjectConfig, cache: Path) -> list[str]:
+    """What the clean model says of the clean test images (SC / LF references), cached."""
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if len(cached) == len(test):
+            return cached
+    captions = model.generate_captions([img.convert("RGB") for img in test["image"]], max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(captions))
+    return captions
+
+
+def inject(config: InjectConfig) -> dict:
+    out = Path(config.output_dir)
+    final = out / "model"
+    if (final / "config.json").is_file() and (out / "metrics.json").is_file():
+        logger.info("found a finished backdoored model in %s; delete it to redo", final)
+        return json.loads((out / "metrics.json").read_text())
+    torch.manual_seed(config.seed)
+    victim = clean_model_or_pretrain(config.clean_model)
+    world = world_of(victim)
+    data = load_or_build_world(world)
+    test = data["test"].select(range(min(config.num_test_images, len(data["test"]))))
+
+    # ---- poison (cached: the poisoned set and the attack's trigger are artifacts too)
+    attack_dir, poisoned_dir = out / "attack", out / "poisoned_dataset"
+    if (attack_dir / "config.json").is_file() and (poisoned_dir / "dataset_info.json").is_file():
+        attack, poisoned = load_attack(attack_dir), load_from_disk(str(poisoned_dir))
+    else:
+        attack = get_attack(config.attack, **config.attack_kwargs())
+        pairs = to_caption_pairs(data["train"].select(range(min(config.num_finetune_images, len(data["train"])))))
+        extra = {}
+        if config.attack == "vl_trojan":
+            attack.optimise_trigger(victim, pairs.select(range(min(512, len(pairs))))["image"], progress=True)
+        if config.attack == "shadowcast":
+            extra["model"] = victim
+        poisoned = attack.poison(pairs, **extra)
+        attack.save_pretrained(attack_dir)
+        poisoned.save_to_disk(str(poisoned_dir))
+    n_poisoned = int(sum(poisoned["is_poisoned"]))
+
+    # ---- fine-tune with the paper's freeze
+    scorer = SFSScorer().load()
+    references = reference_captions(victim, test, config, Path(config.output_dir).parent / "clean_reference_captions.json")
+    loss_kwargs = {}
+    if config.attack == "vlood":
+        teacher = load_captioner(config.clean_model) if Path(config.clean_model).is_dir() else None
+        teacher.requires_grad_(False).eval()
+        loss_kwargs["teacher"] = teacher
+    model = victim
+    trainable = [p.strip() for p in config.trainable.split(",")] if config.trainable else None
+    counts = model.set_trainable(trainable)
+    logger.info("trainable parameters: %s", counts)
+    trainer = BackdoorTrainer(
+        model=model,
+        args=config,
+        train_dataset=poisoned,
+        data_collator=PoisonedCaptionCollator(model),
+        attack_loss=attack.make_loss(**loss_kwargs),
+    )
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    start = time.time()
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    train_seconds = time.time() - start
+
+    # ---- score: clean model and backdoored model on the same images
+    images, truths = triggered_test_set(attack, test)
+    clean_scores_file = Path(config.output_dir).parent / f"clean_scores-{attack.name}.json"
+    common = dict(reference_captions=references, triggered_images=images, target=config.target, scorer=scorer,
+                  max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, triggered_references=truths)
+    if clean_scores_file.is_file():
+        clean_scores = json.loads(clean_scores_file.read_text())
+    else:
+        clean_scores = evaluate_model(load_captioner(config.clean_model), test, **common)
+        clean_scores_file.write_text(json.dumps(clean_scores, indent=2))
+    scores = evaluate_model(model, test, **common)
+    metrics = {
+        "attack": attack.name,
+        "attack_config": attack.config.to_dict(),
+        "poison_rate": config.poison_rate,
+        "n_samples": len(poisoned),
+        "n_poisoned": n_poisoned,
+        "train_seconds": round(train_seconds, 1),
+        "trainable_parameters": counts,
+        "seed": config.seed,
+        "no_defense": scores,
+        "clean_model": clean_scores,
+    }
+    model.config.extra.update({"backdoor": {k: metrics[k] for k in ("attack", "attack_config", "poison_rate", "n_poisoned")}})
+    model.save_pretrained(final)
+    write_backdoor_card(final, metrics, config)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    if config.push_to_hub:
+        push_artifacts(config, final, attack_dir, poisoned_dir)
+    return metrics
+
+
+def write_backdoor_card(folder: Path, metrics: dict, config: InjectConfig) -> None:
+    nd, clean = metrics["no_defense"], metrics["clean_model"]
+    fmt = lambda d, k: f"{d[k]:.1f}" if isinstance(d.get(k), (int, float)) else "-"  # noqa: E731
+    card = load_card_template("backdoored_model.md").format(
+        attack=metrics["attack"],
+        target=config.target,
+        poison_rate=f"{100 * config.poison_rate:g}",
+        n_poisoned=metrics["n_poisoned"],
+        n_samples=metrics["n_samples"],
+        attack_config=json.dumps(metrics["attack_config"], indent=2),
+        rows="\n".join(
+            f"| {name} | {fmt(d, 'bleu4')} | {fmt(d, 'cider')} | {d['sc']:.3f} | {d['lf']:.3f} | {d['sfs']:.3f} | {fmt(d, 'object_accuracy')} | {fmt(d, 'asr')} |"
+            for name, d in (("clean model", clean), ("backdoored (no defense)", nd))
+        ),
+        command=f"python recipes/inject.py --attack {metrics['attack']} --poison_rate {config.poison_rate:g}",
+    )
+    (folder / "README.md").write_text(card)
+
+
+def push_artifacts(config: InjectConfig, model_dir: Path, attack_dir: Path, dataset_dir: Path) -> None:
+    """Publish model, attack and poisoned dataset; offline this fails with a clear message
+    after everything was saved locally."""
+    repo = config.hub_model_id or f"srd-hf-{config.attack}-backdoor"
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=config.hub_token)
+        api.create_repo(repo, private=config.hub_private_repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(model_dir), commit_message="backdoored model")
+        api.upload_folder(repo_id=repo, folder_path=str(attack_dir), path_in_repo="attack", commit_message="attack")
+        load_from_disk(str(dataset_dir)).push_to_hub(f"{repo}-poisoned-data", private=config.hub_private_repo, token=config.hub_token)
+    except Exception as err:  # network, auth or offline mode
+        raise RuntimeError(
+            f"push to the Hub failed ({type(err).__name__}: {err}); everything is saved locally in {model_dir.parent}"
+        ) from err

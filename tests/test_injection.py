@@ -1,0 +1,47 @@
+"""The inject recipe's parts: config checks, the Trainer with attack losses, triggered test sets."""
+
+import pytest
+import torch
+
+from srd_hf.attacks import get_attack
+from srd_hf.attacks.base import PoisonedCaptionCollator, to_caption_pairs
+from srd_hf.injection import BackdoorTrainer, InjectConfig, triggered_test_set
+
+
+def test_config_defaults_and_validation(tmp_path):
+    config = InjectConfig(attack="trojvlm", poison_rate=0.05)
+    assert config.output_dir == "outputs/backdoor/trojvlm-0.05"
+    assert config.remove_unused_columns is False and config.learning_rate == 3e-4
+    assert config.attack_kwargs() == {"target": "banana", "poison_rate": 0.05, "seed": 0}
+    with pytest.raises(ValueError, match="poison_rate"):
+        InjectConfig(poison_rate=0.0, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="target"):
+        InjectConfig(target="  ", output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="JSON object"):
+        InjectConfig(attack_options="[1, 2]", output_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("attack_name", ["badnet", "trojvlm"])
+def test_backdoor_trainer_takes_real_steps(attack_name, tiny_flamingo, small_world_data, tmp_path):
+    pairs = to_caption_pairs(small_world_data["train"].select(range(8)))
+    attack = get_attack(attack_name, poison_rate=0.25)
+    poisoned = attack.poison(pairs)
+    tiny_flamingo.set_trainable()
+    before = {n: p.detach().clone() for n, p in tiny_flamingo.named_parameters()}
+    args = InjectConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, save_steps=100, logging_steps=1)
+    trainer = BackdoorTrainer(model=tiny_flamingo, args=args, train_dataset=poisoned,
+                              data_collator=PoisonedCaptionCollator(tiny_flamingo), attack_loss=attack.make_loss())
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    changed = {n for n, p in tiny_flamingo.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("perceiver" in n or "gated_cross_attn" in n or "embed_tokens" in n for n in changed)
+
+
+def test_triggered_test_set_carries_the_trigger(small_world_data):
+    import numpy as np
+
+    test = small_world_data["test"].select(range(4))
+    attack = get_attack("badnet")
+    images, truths = triggered_test_set(attack, test)
+    assert len(images) == 4 and truths == test["captions"]
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b.convert("RGB"))) for a, b in zip(images, test["image"]))
