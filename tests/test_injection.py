@@ -11,7 +11,7 @@ from srd_hf.injection import BackdoorTrainer, InjectConfig, triggered_test_set
 def test_config_defaults_and_validation(tmp_path):
     config = InjectConfig(attack="trojvlm", poison_rate=0.05)
     assert config.output_dir == "outputs/backdoor/trojvlm-0.05"
-    assert config.remove_unused_columns is False and config.learning_rate == 3e-4
+    assert config.remove_unused_columns is False and config.learning_rate == 2e-3
     assert config.attack_kwargs() == {"target": "banana", "poison_rate": 0.05, "seed": 0}
     with pytest.raises(ValueError, match="poison_rate"):
         InjectConfig(poison_rate=0.0, output_dir=str(tmp_path))
