@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,18 +30,16 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from .cards import load_card_template
 from .evaluation import caption_quality
 from .data.occlusion import occluder_sizes, paste_random_occluder
-from .data.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, WorldConfig, build_world, cell_of, world_config
+from .data.synthetic import COLOURS, SHAPES, SIZES, WorldConfig, build_world, cell_of, world_config
 from .vlm.openflamingo import OpenFlamingoCaptioner
 from .vlm.tiny import TinyFlamingoSizes, build_tiny_flamingo
 
 logger = logging.getLogger(__name__)
-
-NUM_OBJECT_CLASSES = len(COLOURS) * len(SHAPES)
-
 
 @dataclass
 class PretrainConfig:
@@ -108,22 +105,6 @@ def load_or_build_world(world: WorldConfig, cache_dir: str | None = None) -> Dat
 
 
 # --------------------------------------------------------------------------- stage 1: vision tower
-def object_kind(obj: dict) -> int:
-    """Index of an object's (colour, shape) among the world's kinds."""
-    return list(COLOURS).index(obj["colour"]) * len(SHAPES) + SHAPES.index(obj["shape"])
-
-
-def object_targets(objects: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cell class (0 empty, else colour x shape x size) and a multi-hot of (colour, shape)."""
-    cells = torch.zeros(len(POSITIONS), dtype=torch.long)
-    present = torch.zeros(NUM_OBJECT_CLASSES)
-    for obj in objects:
-        kind = object_kind(obj)
-        cells[POSITIONS.index(obj["position"])] = 1 + kind * len(SIZES) + SIZES.index(obj["size"])
-        present[kind] = 1.0
-    return cells, present
-
-
 def patch_targets(image, objects: list[dict], patch_size: int, grid: int, colour_tolerance: int = 50, min_share: float = 0.2) -> torch.Tensor:
     """What each ViT patch shows, as (colour, shape, size) indices, 0 meaning background.
 
@@ -252,9 +233,9 @@ def _training_args(output_dir: Path, config: PretrainConfig, lr: float, epochs: 
     )
 
 
-def _latest_checkpoint(folder: Path) -> str | None:
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
+def latest_checkpoint(folder: Path) -> str | None:
+    """The Trainer checkpoint a killed run resumes from, if any."""
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
 def pretrain_vision(captioner: OpenFlamingoCaptioner, world_data: DatasetDict, config: PretrainConfig, work_dir: Path) -> dict:
@@ -271,7 +252,7 @@ def pretrain_vision(captioner: OpenFlamingoCaptioner, world_data: DatasetDict, c
     args = _training_args(work_dir / "checkpoints", config, config.vision_lr, config.vision_epochs, config.vision_batch_size)
     trainer = Trainer(model=probe, args=args, train_dataset=train)
     start = time.time()
-    trainer.train(resume_from_checkpoint=_latest_checkpoint(work_dir / "checkpoints"))
+    trainer.train(resume_from_checkpoint=latest_checkpoint(work_dir / "checkpoints"))
     metrics = {"vision_train_seconds": round(time.time() - start, 1), **vision_accuracy(probe, world_data["validation"], captioner, world.grid)}
     visual.requires_grad_(False)
     save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, done)
@@ -340,7 +321,7 @@ def train_captions(captioner: OpenFlamingoCaptioner, world_data: DatasetDict, co
     args = _training_args(work_dir / "checkpoints", config, config.caption_lr, config.caption_epochs, config.caption_batch_size)
     trainer = Trainer(model=captioner, args=args, train_dataset=train, data_collator=CachedFeatureCollator(captioner))
     start = time.time()
-    trainer.train(resume_from_checkpoint=_latest_checkpoint(work_dir / "checkpoints"))
+    trainer.train(resume_from_checkpoint=latest_checkpoint(work_dir / "checkpoints"))
     captioner.set_trainable()  # leave the paper's fine-tuning freeze in place for later stages
     return {"caption_train_seconds": round(time.time() - start, 1)}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from srd_hf.data.occlusion import occluder_sizes, paste_random_occluder
-from srd_hf.pretraining import ObjectProbe, PretrainConfig, object_targets
+from srd_hf.pretraining import ObjectProbe, PretrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,11 +69,6 @@ def test_config_validation():
         PretrainConfig(occluder_prob=1.5)
     with pytest.raises(ValueError, match="caption_epochs"):
         PretrainConfig(caption_epochs=0)
-
-
-def test_object_targets_encode_cells_and_presence():
-    cells, present = object_targets([{"colour": "blue", "shape": "circle", "size": "large", "position": "center"}])
-    assert cells.tolist().count(0) == 8 and cells[4] > 0 and present.sum() == 1
 
 
 def test_occluder_is_pasted_inside_the_image(small_world_data):

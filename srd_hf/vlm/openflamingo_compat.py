@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 from open_flamingo.src.flamingo_lm import FlamingoLayer, FlamingoLMMixin
 from open_flamingo.src.helpers import GatedCrossAttentionBlock
 from open_flamingo.src.utils import extend_instance
