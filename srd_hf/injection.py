@@ -7,10 +7,11 @@ the method and the training loop); ``BackdoorTrainer`` adds the attacks' own los
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from .cards import load_card_template
 from .data.synthetic import WorldConfig
 from .evaluation import evaluate_model
 from .metrics import SFSScorer
-from .pretraining import PretrainConfig, load_or_build_world, pretrain
+from .pretraining import PretrainConfig, latest_checkpoint, load_or_build_world, pretrain
 from .vlm import load_captioner
 from .vlm.base import CaptioningVLM
 
@@ -139,18 +140,6 @@ def triggered_test_set(attack, test: Dataset):
     return [attack.apply_trigger(img.convert("RGB")) for img in test["image"]], test["captions"]
 
 
-def reference_captions(model: CaptioningVLM, test: Dataset, config: InjectConfig, cache: Path) -> list[str]:
-    """What the clean model says of the clean test images (SC / LF references), cached."""
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if len(cached) == len(test):
-            return cached
-    captions = model.generate_captions([img.convert("RGB") for img in test["image"]], max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(captions))
-    return captions
-
-
 def inject(config: InjectConfig) -> dict:
     out = Path(config.output_dir)
     final = out / "model"
@@ -180,14 +169,12 @@ def inject(config: InjectConfig) -> dict:
         poisoned.save_to_disk(str(poisoned_dir))
     n_poisoned = int(sum(poisoned["is_poisoned"]))
 
-    # ---- fine-tune with the paper's freeze
+    # ---- fine-tune with the paper's freeze; a frozen copy of the clean model is VLOOD's teacher
+    # and the clean baseline of the scores
+    clean = copy.deepcopy(victim).requires_grad_(False).eval()
     scorer = SFSScorer().load()
-    references = reference_captions(victim, test, config, Path(config.output_dir).parent / "clean_reference_captions.json")
-    loss_kwargs = {}
-    if config.attack == "vlood":
-        teacher = load_captioner(config.clean_model) if Path(config.clean_model).is_dir() else None
-        teacher.requires_grad_(False).eval()
-        loss_kwargs["teacher"] = teacher
+    references = clean.generate_captions([img.convert("RGB") for img in test["image"]], max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
+    loss_kwargs = {"teacher": clean} if config.attack == "vlood" else {}
     model = victim
     trainable = [p.strip() for p in config.trainable.split(",")] if config.trainable else None
     counts = model.set_trainable(trainable)
@@ -199,21 +186,15 @@ def inject(config: InjectConfig) -> dict:
         data_collator=PoisonedCaptionCollator(model),
         attack_loss=attack.make_loss(**loss_kwargs),
     )
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     start = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    trainer.train(resume_from_checkpoint=latest_checkpoint(out))
     train_seconds = time.time() - start
 
     # ---- score: clean model and backdoored model on the same images
     images, truths = triggered_test_set(attack, test)
-    clean_scores_file = Path(config.output_dir).parent / f"clean_scores-{attack.name}.json"
     common = dict(reference_captions=references, triggered_images=images, target=config.target, scorer=scorer,
                   max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, triggered_references=truths)
-    if clean_scores_file.is_file():
-        clean_scores = json.loads(clean_scores_file.read_text())
-    else:
-        clean_scores = evaluate_model(load_captioner(config.clean_model), test, **common)
-        clean_scores_file.write_text(json.dumps(clean_scores, indent=2))
+    clean_scores = evaluate_model(clean, test, **common)
     scores = evaluate_model(model, test, **common)
     metrics = {
         "attack": attack.name,
