@@ -43,6 +43,7 @@ from PIL import Image
 
 from .. import __version__
 from ..data.images import ensure_rgb
+from ..vlm.base import CaptionCollator
 from ..data.synthetic import PAPER_IMAGE_SIZE, paper_pixels
 
 try:  # whole-word, case-insensitive, plural-aware matching shared with the ASR metric
@@ -626,20 +627,15 @@ class PatchAttack(Attack):
         return pixels * (1 - mask) + canvas * mask
 
 
-class PoisonedCaptionCollator:
-    """``data_collator`` for a poisoned pair dataset: ``model.collate(images, captions)`` plus
-    an ``is_poisoned`` (B,) bool tensor, which :class:`~srd_hf.attacks.vlood.VLOODLoss` needs
-    (pop it before calling the model yourself)."""
+@dataclass
+class PoisonedCaptionCollator(CaptionCollator):
+    """``data_collator`` for a poisoned pair dataset: :class:`~srd_hf.vlm.CaptionCollator` on the
+    ``caption`` column plus an ``is_poisoned`` (B,) bool tensor, which
+    :class:`~srd_hf.attacks.vlood.VLOODLoss` needs (pop it before calling the model yourself)."""
 
-    def __init__(self, model, image_column: str = "image", caption_column: str = "caption", prompt: str | None = None):
-        self.model = model
-        self.image_column = image_column
-        self.caption_column = caption_column
-        self.prompt = prompt
+    caption_column: str = "caption"
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images = [ensure_rgb(r[self.image_column]) for r in rows]
-        captions = [r[self.caption_column] for r in rows]
-        batch = self.model.collate(images, captions, prompt=self.prompt)
+        batch = super().__call__(rows)
         batch["is_poisoned"] = torch.tensor([bool(r.get("is_poisoned", False)) for r in rows])
         return batch
