@@ -3,19 +3,11 @@
 import datasets
 import evaluate
 
+from srd_hf.metrics._citation import SRD_CITATION
 from srd_hf.metrics._text import attack_success_rate, normalize_targets
 from srd_hf.metrics._validation import check_same_length, check_string_lists, check_strings
 
-_CITATION = """\
-@inproceedings{xu2026srd,
-  title     = {{SRD}: Reinforcement-Learned Semantic Perturbation for Backdoor Defense in {VLMs}},
-  author    = {Xu, Shuhan and Liang, Siyuan and Zheng, Hongling and Liu, Aishan and Wang, Xinbiao
-               and Luo, Yong and Lin, Fu and Rutkowski, Leszek and Tao, Dacheng},
-  booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
-  year      = {2026},
-  note      = {arXiv:2506.04743}
-}
-"""
+_CITATION = SRD_CITATION
 
 _DESCRIPTION = """\
 Attack success rate (ASR) of a backdoor on an image-captioning model: the share of generated

@@ -3,18 +3,10 @@
 import datasets
 import evaluate
 
+from srd_hf.metrics._citation import SRD_CITATION
 from srd_hf.metrics._sfs import LF_NORMALIZATIONS, SFSScorer
 
-_CITATION = """\
-@inproceedings{xu2026srd,
-  title     = {{SRD}: Reinforcement-Learned Semantic Perturbation for Backdoor Defense in {VLMs}},
-  author    = {Xu, Shuhan and Liang, Siyuan and Zheng, Hongling and Liu, Aishan and Wang, Xinbiao
-               and Luo, Yong and Lin, Fu and Rutkowski, Leszek and Tao, Dacheng},
-  booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
-  year      = {2026},
-  note      = {arXiv:2506.04743}
-}
-"""
+_CITATION = SRD_CITATION
 
 _DESCRIPTION = """\
 Semantic Fidelity Score (SFS) of the SRD paper (eq. 4-6): how faithful and fluent a caption is
