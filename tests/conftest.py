@@ -36,3 +36,11 @@ def tiny_flamingo(small_world, caption_tokenizer):
     sizes = TinyFlamingoSizes(vit_width=32, vit_layers=1, vit_heads=2, lm_hidden=32, lm_layers=2, lm_heads=2,
                               lm_intermediate=64, perceiver_depth=1, perceiver_latents=4, xattn_heads=2, xattn_dim_head=16)
     return build_tiny_flamingo(small_world, sizes, tokenizer=caption_tokenizer, seed=0, gate_init=1.0)
+
+
+@pytest.fixture(scope="session")
+def sfs_scorer():
+    """The real SFS models (MiniLM + embedded SmolLM2), loaded once per session."""
+    from srd_hf.metrics import SFSScorer
+
+    return SFSScorer().load()

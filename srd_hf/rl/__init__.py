@@ -1,0 +1,21 @@
+"""The masking defense as reinforcement learning: actions (red squares on a grid), the reward
+(from the change of semantic consistency and fluency), the batched environment, and policies."""
+
+from .actions import ACTION_PRESETS, MASK_COLOUR, MaskActionSpace
+from .configuration_srd import POLICY_ALGORITHMS, SRDPolicyConfig
+from .modeling_srd import SRDPolicy, observe
+from .reward import BEST_REWARD, REWARD_PRESETS, RewardConfig, mask_reward
+
+__all__ = [
+    "ACTION_PRESETS",
+    "BEST_REWARD",
+    "MASK_COLOUR",
+    "MaskActionSpace",
+    "POLICY_ALGORITHMS",
+    "REWARD_PRESETS",
+    "RewardConfig",
+    "SRDPolicy",
+    "SRDPolicyConfig",
+    "mask_reward",
+    "observe",
+]

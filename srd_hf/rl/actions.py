@@ -1,0 +1,105 @@
+"""The action space of the masking defense: one red square per action, a position on a grid
+times a size.
+
+Sizes are given in the paper's 224 px units and scaled to the image (20/40/60/80 px at 224 px
+are 6/11/17/23 px at 64 px). Position ``(row, col)`` on an ``n x n`` grid places the square's
+top-left corner at ``round(col * (W - side) / (n - 1))`` (and likewise for rows), so every mask
+lies fully inside the image and the grid spans it edge to edge.
+
+Action index = ``(size_index * grid + row) * grid + col``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..data.synthetic import paper_pixels
+
+MASK_COLOUR = (255, 0, 0)
+
+#: named presets of (grid, sizes at 224 px)
+ACTION_PRESETS: dict[str, dict] = {
+    # the paper: four sizes on a 10 x 10 grid (400 actions)
+    "paper": {"grid": 10, "mask_sizes": (20, 40, 60, 80)},
+    # the authors' code: a fifth, 200 px size (500 actions)
+    "authors_code": {"grid": 10, "mask_sizes": (20, 40, 60, 80, 200)},
+}
+
+
+@dataclass
+class MaskActionSpace:
+    """Grid x size action space for ``image_size`` x ``image_size`` images."""
+
+    image_size: int = 64
+    grid: int = 10
+    mask_sizes: tuple[float, ...] = field(default_factory=lambda: ACTION_PRESETS["paper"]["mask_sizes"])
+
+    def __post_init__(self):
+        self.mask_sizes = tuple(float(s) for s in self.mask_sizes)
+        if self.grid < 1:
+            raise ValueError(f"grid must be >= 1, got {self.grid}")
+        if not self.mask_sizes or any(s <= 0 for s in self.mask_sizes):
+            raise ValueError(f"mask_sizes must be positive numbers (px at 224 px), got {self.mask_sizes}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        too_big = [s for s in self.side_pixels if s > self.image_size]
+        if too_big:
+            raise ValueError(
+                f"masks of {too_big} px do not fit {self.image_size} px images "
+                f"(sizes {self.mask_sizes} at 224 px); use smaller mask_sizes or larger images"
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, image_size: int) -> "MaskActionSpace":
+        if name not in ACTION_PRESETS:
+            raise ValueError(f"unknown action preset {name!r}; choose from {sorted(ACTION_PRESETS)}")
+        return cls(image_size=image_size, **ACTION_PRESETS[name])
+
+    @property
+    def side_pixels(self) -> tuple[int, ...]:
+        return tuple(paper_pixels(s, self.image_size) for s in self.mask_sizes)
+
+    @property
+    def n(self) -> int:
+        return self.grid * self.grid * len(self.mask_sizes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mask_sizes"] = list(self.mask_sizes)
+        return d
+
+    def decode(self, action: int) -> tuple[int, int, int]:
+        """``(size_index, row, col)`` of an action index."""
+        action = int(action)
+        if not 0 <= action < self.n:
+            raise ValueError(f"action {action} outside [0, {self.n})")
+        size_index, rest = divmod(action, self.grid * self.grid)
+        row, col = divmod(rest, self.grid)
+        return size_index, row, col
+
+    def box(self, action: int, width: int | None = None, height: int | None = None) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` (exclusive end) of the mask on a ``width`` x ``height`` image
+        (default: the configured square size). Other sizes scale the mask with the shorter side."""
+        width = width or self.image_size
+        height = height or self.image_size
+        size_index, row, col = self.decode(action)
+        side = paper_pixels(self.mask_sizes[size_index], min(width, height))
+        if side > min(width, height):
+            raise ValueError(f"a {side} px mask does not fit a {width}x{height} image")
+        step_x = (width - side) / (self.grid - 1) if self.grid > 1 else 0.0
+        step_y = (height - side) / (self.grid - 1) if self.grid > 1 else 0.0
+        x0, y0 = round(col * step_x), round(row * step_y)
+        return x0, y0, x0 + side, y0 + side
+
+    def apply(self, pixels: np.ndarray, actions) -> np.ndarray:
+        """A copy of ``pixels`` (H, W, 3) uint8 with one red square per action in ``actions``."""
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"expected an RGB image array (H, W, 3), got shape {pixels.shape}")
+        out = pixels.copy()
+        height, width = out.shape[:2]
+        for action in np.atleast_1d(actions):
+            x0, y0, x1, y1 = self.box(int(action), width, height)
+            out[y0:y1, x0:x1] = MASK_COLOUR
+        return out
