@@ -47,8 +47,17 @@ def test_default_captions_are_the_model_s_own_and_bad_inputs_fail(tiny_flamingo,
     model = tiny_flamingo.eval()
     images = [img.convert("RGB") for img in small_world_data["test"]["image"][:2]]
     result = target_word_probability(model, images, "banana", triggered_images=images, max_new_tokens=6)
-    assert result["captions"] == model.generate_captions(images, max_new_tokens=6)
+    assert result["clean"]["captions"] == model.generate_captions(images, max_new_tokens=6)
     assert result["ratio"] == pytest.approx(1.0)  # same images on both sides
+    attack = get_attack("badnet")
+    own = target_word_probability(model, images, "banana", attack=attack, prefixes="own", max_new_tokens=6)
+    triggered = [attack.apply_trigger(img) for img in images]
+    assert own["triggered"]["captions"] == model.generate_captions(triggered, max_new_tokens=6)
+    for i, image in enumerate(triggered):
+        expected = _manual(model, image, own["triggered"]["captions"][i], "banana")
+        assert own["triggered"]["per_image"][i] == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="prefixes"):
+        target_word_probability(model, images, "banana", prefixes="mine")
     with pytest.raises(ValueError, match="target"):
         target_word_probability(model, images, " ")
     with pytest.raises(ValueError, match="triggered images"):
