@@ -44,9 +44,10 @@ def test_action_space_geometry_and_presets():
     space = MaskActionSpace(image_size=64)
     assert space.n == 400 and space.side_pixels == (6, 11, 17, 23)
     assert MaskActionSpace.from_preset("authors_code", 224).n == 500
-    # corners of the grid touch the image edges, every mask fits
+    # squares are centred on grid cells (6.4 px at 64 px) and clipped at the border
     assert space.box(0) == (0, 0, 6, 6)
-    assert space.box(399) == (64 - 23, 64 - 23, 64, 64)
+    assert space.box(155) == (30, 30, 41, 41)  # size 11 px on cell (5, 5), centre 35.2
+    assert space.box(399) == (49, 49, 64, 64)  # 23 px centred at 60.8, clipped
     for a in range(space.n):
         x0, y0, x1, y1 = space.box(a)
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
@@ -64,14 +65,14 @@ def test_masks_land_where_the_action_says_and_accumulate():
     once = space.apply(pixels, [0])
     assert (once[0:6, 0:6] == MASK_COLOUR).all() and (once[6:, :] == 50).all() and (once[:, 6:] == 50).all()
     twice = space.apply(once, [399])
-    assert (twice[0:6, 0:6] == MASK_COLOUR).all() and (twice[41:, 41:] == MASK_COLOUR).all()
+    assert (twice[0:6, 0:6] == MASK_COLOUR).all() and (twice[49:, 49:] == MASK_COLOUR).all()
     red = (twice == MASK_COLOUR).all(axis=2).sum()
-    assert red == 6 * 6 + 23 * 23
+    assert red == 6 * 6 + 15 * 15
     assert (pixels == 50).all()  # the input is never modified
     # a non-square image: the mask scales with the shorter side and stays inside
     wide = np.zeros((64, 128, 3), dtype=np.uint8)
-    x0, y0, x1, y1 = space.box(399, 128, 64)
-    assert (x1, y1) == (128, 64) and x1 - x0 == 23
+    x0, y0, x1, y1 = space.box(155, 128, 64)
+    assert x1 - x0 == y1 - y0 == 11 and (x0 + x1) / 2 == pytest.approx(5.5 * 12.8, abs=1)
 
 
 # ----------------------------------------------------------------------------- judge

@@ -2,9 +2,10 @@
 times a size.
 
 Sizes are given in the paper's 224 px units and scaled to the image (20/40/60/80 px at 224 px
-are 6/11/17/23 px at 64 px). Position ``(row, col)`` on an ``n x n`` grid places the square's
-top-left corner at ``round(col * (W - side) / (n - 1))`` (and likewise for rows), so every mask
-lies fully inside the image and the grid spans it edge to edge.
+are 6/11/17/23 px at 64 px). Position ``(row, col)`` is a cell of an ``n x n`` grid over the
+image; the square is centred on the cell's centre and clipped at the image border. (Placing
+squares only fully inside the image would leave one action per size that covers a corner
+trigger; centring gives the corners as many covering actions as the middle.)
 
 Action index = ``(size_index * grid + row) * grid + col``.
 """
@@ -88,10 +89,9 @@ class MaskActionSpace:
         side = paper_pixels(self.mask_sizes[size_index], min(width, height))
         if side > min(width, height):
             raise ValueError(f"a {side} px mask does not fit a {width}x{height} image")
-        step_x = (width - side) / (self.grid - 1) if self.grid > 1 else 0.0
-        step_y = (height - side) / (self.grid - 1) if self.grid > 1 else 0.0
-        x0, y0 = round(col * step_x), round(row * step_y)
-        return x0, y0, x0 + side, y0 + side
+        cx, cy = (col + 0.5) * width / self.grid, (row + 0.5) * height / self.grid
+        x0, y0 = round(cx - side / 2), round(cy - side / 2)
+        return max(0, x0), max(0, y0), min(width, x0 + side), min(height, y0 + side)
 
     def apply(self, pixels: np.ndarray, actions) -> np.ndarray:
         """A copy of ``pixels`` (H, W, 3) uint8 with one red square per action in ``actions``."""
