@@ -56,6 +56,7 @@ def test_default_captions_are_the_model_s_own_and_bad_inputs_fail(tiny_flamingo,
     for i, image in enumerate(triggered):
         expected = _manual(model, image, own["triggered"]["captions"][i], "banana")
         assert own["triggered"]["per_image"][i] == pytest.approx(expected, rel=1e-4)
+    assert 0 <= own["triggered"]["share_top1"] <= 1
     with pytest.raises(ValueError, match="prefixes"):
         target_word_probability(model, images, "banana", prefixes="mine")
     with pytest.raises(ValueError, match="target"):

@@ -48,8 +48,9 @@ def _target_span(model: Any, target: str, image: Image.Image) -> tuple[int, int]
 def _prefix_log_probs(model: Any, images: Sequence[Image.Image], captions: Sequence[str], k: int, e: int,
                       batch_size: int) -> torch.Tensor:
     """log P(target tokens | image, caption prefix) for captions "prefix target" (k target tokens
-    followed by e end tokens), one value per (image, caption)."""
-    out = []
+    followed by e end tokens), and whether the target's first token is the most likely next
+    token there; one value each per (image, caption)."""
+    out, top1 = [], []
     for start in range(0, len(captions), batch_size):
         batch = model.collate(list(images[start : start + batch_size]), list(captions[start : start + batch_size]))
         batch = {key: value.to(model.device) for key, value in batch.items()}
@@ -64,7 +65,8 @@ def _prefix_log_probs(model: Any, images: Sequence[Image.Image], captions: Seque
             span = label_pos[int(lengths[row]) - e - k : int(lengths[row]) - e]
             ids = next_ids[row, span]
             out.append(log_probs[row, span, ids].sum().cpu())
-    return torch.stack(out)
+            top1.append(bool(log_probs[row, span[0]].argmax() == ids[0]))
+    return torch.stack(out), torch.tensor(top1)
 
 
 @torch.no_grad()
@@ -97,7 +99,9 @@ def target_word_probability(
 
     Returns a dict with, per side (``clean`` and ``triggered``): ``mean`` (mean over images of
     the max-over-positions probability defined in the module docs), ``median``,
-    ``share_above_half`` (images where the target would win a greedy step: probability > 0.5),
+    ``share_above_half`` (images where the target holds most of the mass at some point:
+    probability > 0.5), ``share_top1`` (images where, after some prefix, the target's first
+    token is the most likely next token: a greedy step would take it there),
     ``per_image`` (list) and ``captions`` (the scored captions); plus ``ratio`` (mean triggered /
     mean clean).
     """
@@ -140,13 +144,15 @@ def target_word_probability(
                     owners.append(i)
                     texts.append(" ".join(words[:t] + [target]))
             owner = torch.tensor(owners)
-            log_p = _prefix_log_probs(model, [side_images[i] for i in owners], texts, k, e, batch_size)
+            log_p, top1 = _prefix_log_probs(model, [side_images[i] for i in owners], texts, k, e, batch_size)
             best = torch.full((len(clean),), float("-inf")).scatter_reduce(0, owner, log_p, reduce="amax")
+            wins = torch.zeros(len(clean)).scatter_reduce(0, owner, top1.float(), reduce="amax")
             probs = best.exp()
             result[side] = {
                 "mean": float(probs.mean()),
                 "median": float(probs.median()),
                 "share_above_half": float((probs > 0.5).float().mean()),
+                "share_top1": float(wins.mean()),
                 "per_image": probs.tolist(),
                 "captions": side_captions,
             }
