@@ -45,3 +45,31 @@ def test_triggered_test_set_carries_the_trigger(small_world_data):
     images, truths = triggered_test_set(attack, test)
     assert len(images) == 4 and truths == test["captions"]
     assert any(not np.array_equal(np.asarray(a), np.asarray(b.convert("RGB"))) for a, b in zip(images, test["image"]))
+
+
+@pytest.mark.slow
+def test_inject_plants_a_working_backdoor_on_the_small_world(tiny_flamingo, small_world_data, tmp_path, monkeypatch):
+    """A real (small) run of inject(): poison, fine-tune, save, score; BadNet reaches ASR > 80%
+    on triggered test images while clean test captions stay free of the target."""
+    import json
+
+    import srd_hf.injection as injection
+    from srd_hf.vlm import load_captioner
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(injection, "load_or_build_world", lambda world: small_world_data)
+    tiny_flamingo.save_pretrained(tmp_path / "clean")
+    config = InjectConfig(
+        attack="badnet", poison_rate=0.25, attack_options='{"trigger_size": 56}',  # one 8 px ViT patch at 32 px
+        clean_model=str(tmp_path / "clean"), output_dir=str(tmp_path / "badnet"),
+        num_finetune_images=96, num_test_images=24, num_train_epochs=8, per_device_train_batch_size=32,
+        learning_rate=5e-3, warmup_steps=5, save_steps=1000, logging_steps=10, max_new_tokens=8, eval_batch_size=24,
+        trainable="flamingo.perceiver.,flamingo.lang_encoder.", report_to="none",
+    )  # fmt: skip
+    metrics = injection.inject(config)
+    nd = metrics["no_defense"]
+    assert metrics["n_poisoned"] == 120 and metrics["clean_model"]["asr"] < 20
+    assert nd["asr"] > 80 and nd["asr_on_clean"] < 20, (nd["triggered_examples"], nd["clean_examples"])
+    saved = json.loads((tmp_path / "badnet" / "metrics.json").read_text())
+    assert saved["no_defense"]["asr"] == nd["asr"]
+    assert load_captioner(str(tmp_path / "badnet" / "model")).config.extra["backdoor"]["attack"] == "badnet"
