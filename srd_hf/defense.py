@@ -89,7 +89,7 @@ class SRDConfig(TrainingArguments):
     num_policy_samples: int = field(default=3000, metadata={"help": "Images the policy learns on."})
     policy_timesteps: int = field(default=12000, metadata={"help": "Environment transitions of policy training."})
     num_envs: int = field(default=32, metadata={"help": "Environments stepped together."})
-    max_masks: int = field(default=4, metadata={"help": "Masks per episode at most."})
+    max_masks: int = field(default=6, metadata={"help": "Masks per episode at most."})
     obs_size: int = field(default=64, metadata={"help": "Side of the policy's observation."})
     action_preset: str = field(default="paper", metadata={"help": "paper (4 sizes) or authors_code (5 sizes)."})
     sc_drop: float = field(default=0.1, metadata={"help": "lambda: significant fall of SC."})
@@ -117,7 +117,6 @@ class SRDConfig(TrainingArguments):
     save_steps: float = field(default=100, metadata={"help": "Checkpoint every this many steps."})
     save_total_limit: int = field(default=1, metadata={"help": "Checkpoints kept."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "tensorboard to log policy training and retraining."})
 
     def __post_init__(self):
         tag = f"{self.attack}-{self.poison_rate:g}"
@@ -149,7 +148,8 @@ class SRDConfig(TrainingArguments):
         return Path(self.output_dir)
 
     def policy_training_config(self) -> PolicyTrainingConfig:
-        tb = str(self.out / "runs") if "tensorboard" in (self.report_to or []) else None
+        report = [self.report_to] if isinstance(self.report_to, str) else (self.report_to or [])
+        tb = str(self.out / "runs") if "tensorboard" in report else None  # --report_to tensorboard logs the policy too
         return PolicyTrainingConfig(
             algorithm=self.algorithm, total_timesteps=self.policy_timesteps, learning_rate=self.policy_learning_rate,
             gamma=self.gamma, seed=self.policy_seed, buffer_size=self.buffer_size, learning_starts=self.learning_starts,

@@ -45,7 +45,7 @@ class PolicyTrainingConfig:
     buffer_size: int = 10_000
     learning_starts: int = 1_000
     train_freq: int = 1  # vector steps between updates
-    gradient_steps: int = 8
+    gradient_steps: int = 2
     target_update_interval: int = 500  # transitions between target-network refreshes
     exploration_fraction: float = 0.5
     exploration_initial_eps: float = 1.0
