@@ -231,9 +231,26 @@ def write_backdoor_card(folder: Path, metrics: dict, config: InjectConfig) -> No
             f"| {name} | {fmt(d, 'bleu4')} | {fmt(d, 'cider')} | {d['sc']:.3f} | {d['lf']:.3f} | {d['sfs']:.3f} | {fmt(d, 'object_accuracy')} | {fmt(d, 'asr')} |"
             for name, d in (("clean model", clean), ("backdoored (no defense)", nd))
         ),
-        command=f"python recipes/inject.py --attack {metrics['attack']} --poison_rate {config.poison_rate:g}",
+        command=reproduce_command(metrics["attack"], config),
     )
     (folder / "README.md").write_text(card)
+
+
+def reproduce_command(attack: str, config: InjectConfig) -> str:
+    """The inject command of a run: attack, rate, and whatever attack options or training
+    settings differ from the defaults (a Blended run at alpha 0.3 says so)."""
+    parts = [f"python recipes/inject.py --attack {attack} --poison_rate {config.poison_rate:g}"]
+    if config.target != "banana":
+        parts.append(f"--target '{config.target}'")
+    if config.attack_options:
+        parts.append(f"--attack_options '{json.dumps(json.loads(config.attack_options), sort_keys=True)}'")
+    for name, default in (("attack_seed", 0), ("learning_rate", 2e-3), ("num_train_epochs", 3.0), ("seed", 42)):
+        value = getattr(config, name)
+        if value != default:
+            parts.append(f"--{name} {value:g}" if isinstance(value, float) else f"--{name} {value}")
+    if config.trainable:
+        parts.append(f"--trainable {config.trainable}")
+    return " ".join(parts)
 
 
 def push_artifacts(config: InjectConfig, model_dir: Path, attack_dir: Path, dataset_dir: Path) -> None:

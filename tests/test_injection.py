@@ -21,6 +21,17 @@ def test_config_defaults_and_validation(tmp_path):
         InjectConfig(attack_options="[1, 2]", output_dir=str(tmp_path))
 
 
+def test_card_command_carries_the_attack_options(tmp_path):
+    from srd_hf.injection import reproduce_command
+
+    plain = InjectConfig(attack="badnet", poison_rate=0.05, output_dir=str(tmp_path))
+    assert reproduce_command("badnet", plain) == "python recipes/inject.py --attack badnet --poison_rate 0.05"
+    blended = InjectConfig(attack="blended", attack_options='{"alpha": 0.3}', seed=0, output_dir=str(tmp_path))
+    assert reproduce_command("blended", blended) == (
+        "python recipes/inject.py --attack blended --poison_rate 0.1 --attack_options '{\"alpha\": 0.3}' --seed 0"
+    )
+
+
 @pytest.mark.parametrize("attack_name", ["badnet", "trojvlm"])
 def test_backdoor_trainer_takes_real_steps(attack_name, tiny_flamingo, small_world_data, tmp_path):
     pairs = to_caption_pairs(small_world_data["train"].select(range(8)))
