@@ -67,7 +67,6 @@ def test_inject_plants_a_working_backdoor_on_the_small_world(tiny_flamingo, smal
     import srd_hf.injection as injection
     from srd_hf.vlm import load_captioner
 
-    torch.set_num_threads(1)
     monkeypatch.setattr(injection, "load_or_build_world", lambda world: small_world_data)
     tiny_flamingo.save_pretrained(tmp_path / "clean")
     config = InjectConfig(
