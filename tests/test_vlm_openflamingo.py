@@ -150,7 +150,10 @@ def test_generate_without_attention_mask_and_old_cache_name(tiny_flamingo, small
 
 @pytest.mark.slow
 def test_tiny_model_overfits_a_handful_of_images(tiny_flamingo, small_world_data):
-    rows = small_world_data["train"].select(range(4))
+    # four images that differ in their first object: train rows 2 and 3 share a large yellow square and
+    # differ only by a small 32 px ring, which a random one-layer ViT separates or not depending on the
+    # thread count's rounding
+    rows = small_world_data["train"].select([0, 1, 2, 5])
     images, captions = _images(rows, 4), [c[0] for c in rows["captions"]]
     tiny_flamingo.set_trainable(["flamingo.perceiver.", "flamingo.lang_encoder.", "flamingo.vision_encoder."])
     optimizer = torch.optim.AdamW([p for p in tiny_flamingo.parameters() if p.requires_grad], lr=1e-2)
