@@ -62,7 +62,7 @@ class SRDConfig(TrainingArguments):
         with ``recipes/inject.py``'s defaults when missing.
 
     > Policy
-    algorithm: dqn (default), ppo or random.
+    algorithm: dqn (default), ppo, sac (discrete, TorchRL) or random.
     policy_data: images the policy learns on: "untrusted" (the fine-tuning set itself),
         "defender" (the paper's defender set: clean images with the defender's own 20 px
         Gaussian-noise trigger at one seeded location, target word inserted), or "mixed".
@@ -84,7 +84,7 @@ class SRDConfig(TrainingArguments):
     clean_model: str = field(default="outputs/clean/model", metadata={"help": "Pre-attack model folder or Hub id."})
     backdoored_model: str = field(default="", metadata={"help": "Backdoored model (default: the inject stage's output)."})
     poisoned_dataset: str = field(default="", metadata={"help": "Untrusted fine-tuning set (default: the inject stage's output)."})
-    algorithm: str = field(default="dqn", metadata={"help": "dqn, ppo or random."})
+    algorithm: str = field(default="dqn", metadata={"help": "dqn, ppo, sac or random."})
     policy_data: str = field(default="untrusted", metadata={"help": "untrusted, defender or mixed."})
     num_policy_samples: int = field(default=3000, metadata={"help": "Images the policy learns on."})
     policy_timesteps: int = field(default=12000, metadata={"help": "Environment transitions of policy training."})
@@ -127,8 +127,8 @@ class SRDConfig(TrainingArguments):
         if not self.poisoned_dataset:
             self.poisoned_dataset = f"outputs/backdoor/{tag}/poisoned_dataset"
         super().__post_init__()
-        if self.algorithm not in ("dqn", "ppo", "random"):
-            raise ValueError(f"algorithm must be dqn, ppo or random, got {self.algorithm!r}")
+        if self.algorithm not in ("dqn", "ppo", "sac", "random"):
+            raise ValueError(f"algorithm must be dqn, ppo, sac or random, got {self.algorithm!r}")
         if self.policy_data not in POLICY_DATA:
             raise ValueError(f"policy_data must be one of {POLICY_DATA}, got {self.policy_data!r}")
         if self.retrain_from not in (*RETRAIN_STARTS, "both"):
@@ -212,7 +212,9 @@ def train_policy(cfg: SRDConfig, *, clean=None, victim=None, untrusted=None, sco
     folder = cfg.out / "policy"
     if (folder / "model.safetensors").is_file():
         logger.info("reusing the policy in %s", folder)
-        return SRDPolicy.from_pretrained(str(folder))
+        policy = SRDPolicy.from_pretrained(str(folder))
+        policy.check_compatible(cfg.env_config().action_space(policy.config.image_size), cfg.obs_size)
+        return policy
     if clean is None or victim is None or untrusted is None:
         clean, victim, untrusted = backdoor_inputs(cfg)
     scorer = scorer or SFSScorer().load()

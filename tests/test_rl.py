@@ -110,7 +110,7 @@ def test_policy_round_trip_gives_the_same_actions(tmp_path):
 def test_mismatched_policy_is_refused(tmp_path):
     SRDPolicy(SRDPolicyConfig()).save_pretrained(tmp_path / "p")
     config = json.loads((tmp_path / "p" / "config.json").read_text())
-    config["grid"] = 8  # config no longer matches the saved head (400 actions)
+    config["mask_sizes"] = [20, 40, 60]  # config no longer matches the saved score map (4 sizes)
     (tmp_path / "p" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not match"):
         SRDPolicy.from_pretrained(str(tmp_path / "p"))
@@ -122,6 +122,34 @@ def test_mismatched_policy_is_refused(tmp_path):
     (tmp_path / "p" / "config.json").write_text(json.dumps({"algorithm": "dqn", "evil": "x"}))
     with pytest.raises(ValueError, match="not an SRD policy config"):
         SRDPolicy.from_pretrained(str(tmp_path / "p"))
+
+
+def test_linear_network_round_trip(tmp_path):
+    policy = SRDPolicy(SRDPolicyConfig(network="linear", features_dim=32))
+    policy.save_pretrained(tmp_path / "p")
+    loaded = SRDPolicy.from_pretrained(str(tmp_path / "p"))
+    obs = np.random.default_rng(1).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)
+    np.testing.assert_array_equal(policy.act(obs), loaded.act(obs))
+    with pytest.raises(ValueError, match="network"):
+        SRDPolicyConfig(network="transformer")
+
+
+def test_spatial_scores_follow_the_pattern():
+    """The score map is translation-aware: the same patch at two places moves the best cell."""
+    import torch
+
+    policy = SRDPolicy(SRDPolicyConfig(seed=0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.normal_(0, 0.3)
+    base = np.zeros((1, 3, 64, 64), dtype=np.uint8)
+    a, b = base.copy(), base.copy()
+    a[:, :, 4:12, 4:12] = 255
+    b[:, :, 50:58, 50:58] = 255
+    sa, sb = (policy(torch.as_tensor(x))[0].reshape(4, 10, 10).sum(0) for x in (a, b))
+    diff = (sa - sb).detach().numpy()
+    assert diff[:3, :3].mean() > diff[-3:, -3:].mean()
 
 
 def test_policy_never_unpickles(tmp_path):
@@ -238,3 +266,34 @@ def test_masker_bad_input(small_world_data):
     assert out["srd_masks"][0] is None and len(out["srd_masks"][1]) == 1 and skipping.n_skipped == 1
     with pytest.raises(TypeError, match="not a PIL image"):
         masker({"image": ["path.png"]})
+
+
+@pytest.mark.parametrize("algorithm", ["dqn", "ppo", "sac", "random"])
+def test_every_algorithm_trains_and_exports(algorithm, tiny_flamingo, small_world_data, sfs_scorer, tmp_path):
+    from srd_hf.rl.training import PolicyTrainingConfig, train_masking_policy
+
+    env, images = _env(tiny_flamingo, small_world_data, sfs_scorer)
+    cfg = PolicyTrainingConfig(algorithm=algorithm, total_timesteps=24, learning_starts=6, batch_size=4, buffer_size=50,
+                               n_steps=4, target_update_interval=6, save_steps=12)
+    policy, summary = train_masking_policy(env, cfg, output_dir=tmp_path)
+    assert policy.config.algorithm == algorithm and policy.space.n == env.space.n
+    if algorithm != "random":
+        assert summary["timesteps"] >= 24
+    _, actions = policy.mask_images(images[:2])
+    assert all(0 <= a[0] < env.space.n for a in actions)
+    policy.save_pretrained(tmp_path / "saved")
+    assert SRDPolicy.from_pretrained(str(tmp_path / "saved")).config.algorithm == algorithm
+
+
+def test_dqn_resumes_from_its_checkpoint(tiny_flamingo, small_world_data, sfs_scorer, tmp_path):
+    from srd_hf.rl.training import PolicyTrainingConfig, train_masking_policy
+
+    env, _ = _env(tiny_flamingo, small_world_data, sfs_scorer)
+    cfg = PolicyTrainingConfig(total_timesteps=18, learning_starts=6, batch_size=4, buffer_size=50, save_steps=6)
+    train_masking_policy(env, cfg, output_dir=tmp_path)
+    counters = json.loads((tmp_path / "resume" / "counters.json").read_text())
+    assert counters["num_timesteps"] >= 12
+    # a longer run continues from the checkpoint instead of starting over
+    cfg.total_timesteps = counters["num_timesteps"] + 6
+    _, summary = train_masking_policy(env, cfg, output_dir=tmp_path)
+    assert summary["timesteps"] == cfg.total_timesteps and summary["episodes"] <= 3

@@ -18,7 +18,8 @@ class SRDPolicyConfig:
     obs_size: side of the downsampled image the network sees.
     grid, mask_sizes: the action space (mask sizes in 224 px units).
     num_masks: masks placed per image when the policy is applied (greedy, one after another).
-    channels, features_dim: the CNN.
+    network: "spatial" (a score map per mask size, default) or "linear" (flattened CNN + linear head).
+    channels, features_dim: the CNN (features_dim: linear network only).
     seed: seed of training (and of random masking).
     training: free-form record of how it was trained (env, reward, RL hyper-parameters, data).
     """
@@ -29,6 +30,7 @@ class SRDPolicyConfig:
     grid: int = ACTION_PRESETS["paper"]["grid"]
     mask_sizes: list[float] = field(default_factory=lambda: list(ACTION_PRESETS["paper"]["mask_sizes"]))
     num_masks: int = 1
+    network: str = "spatial"
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     features_dim: int = 256
     seed: int = 0
@@ -37,6 +39,8 @@ class SRDPolicyConfig:
     def __post_init__(self):
         if self.algorithm not in POLICY_ALGORITHMS:
             raise ValueError(f"algorithm must be one of {POLICY_ALGORITHMS}, got {self.algorithm!r}")
+        if self.network not in ("spatial", "linear"):
+            raise ValueError(f"network must be 'spatial' or 'linear', got {self.network!r}")
         if self.num_masks < 1:
             raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
         if self.obs_size < 16:

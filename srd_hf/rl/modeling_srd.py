@@ -20,7 +20,7 @@ from torch import nn
 from ..data.images import ensure_rgb
 from .actions import MaskActionSpace
 from .configuration_srd import SRDPolicyConfig
-from .networks import ImageEncoder
+from .networks import build_scorer
 
 def observe(images: Sequence[Image.Image | np.ndarray], obs_size: int) -> np.ndarray:
     """What the policy sees: RGB images resized to ``obs_size`` squares, (B, 3, S, S) uint8."""
@@ -52,8 +52,8 @@ class SRDPolicy(
             config = SRDPolicyConfig(**config)
         self.config = config
         self.space = config.action_space
-        self.encoder = ImageEncoder(config.obs_size, tuple(config.channels), config.features_dim)
-        self.head = nn.Linear(config.features_dim, self.space.n)
+        self.encoder, self.head = build_scorer(config.network, config.obs_size, config.channels, config.features_dim,
+                                               len(self.space.mask_sizes), self.space.grid)
         self._rng = np.random.default_rng(config.seed)
 
     # ----- acting ------------------------------------------------------------------------
@@ -66,7 +66,7 @@ class SRDPolicy(
         """Greedy action per observation (random masking draws uniformly, seeded)."""
         if self.config.algorithm == "random":
             return self._rng.integers(0, self.space.n, size=len(observations))
-        device = self.head.weight.device
+        device = next(self.parameters()).device
         scores = self(torch.as_tensor(observations, device=device))
         return scores.argmax(dim=1).cpu().numpy()
 

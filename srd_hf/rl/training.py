@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
 from tqdm.auto import tqdm
 
 from .configuration_srd import SRDPolicyConfig
@@ -28,7 +29,7 @@ from .networks import sb3_extractor_class
 
 logger = logging.getLogger(__name__)
 
-RL_ALGORITHMS = ("dqn", "ppo", "random")
+RL_ALGORITHMS = ("dqn", "ppo", "sac", "random")
 
 
 @dataclass
@@ -50,12 +51,15 @@ class PolicyTrainingConfig:
     exploration_fraction: float = 0.5
     exploration_initial_eps: float = 1.0
     exploration_final_eps: float = 0.05
+    # SAC (TorchRL)
+    sac_tau: float = 0.005
     # PPO
     n_steps: int = 32  # vector steps per rollout
     n_epochs: int = 4
     ent_coef: float = 0.01
     clip_range: float = 0.2
     # network
+    network: str = "spatial"
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     features_dim: int = 256
     # bookkeeping
@@ -77,33 +81,44 @@ def _sb3_model(env: MaskingVecEnv, cfg: PolicyTrainingConfig):
 
     extractor = dict(
         features_extractor_class=sb3_extractor_class(),
-        features_extractor_kwargs=dict(obs_size=env.config.obs_size, channels=tuple(cfg.channels), features_dim=cfg.features_dim),
+        features_extractor_kwargs=dict(network=cfg.network, obs_size=env.config.obs_size, channels=tuple(cfg.channels),
+                                       features_dim=cfg.features_dim, n_sizes=len(env.space.mask_sizes), grid=env.space.grid),
     )
     common = dict(learning_rate=cfg.learning_rate, gamma=cfg.gamma, seed=cfg.seed, verbose=0,
                   tensorboard_log=cfg.tensorboard_dir, device="auto")
     if cfg.algorithm == "dqn":
-        return DQN(
+        model = DQN(
             "CnnPolicy", env, buffer_size=cfg.buffer_size, learning_starts=cfg.learning_starts, batch_size=cfg.batch_size,
             tau=1.0, train_freq=cfg.train_freq, gradient_steps=cfg.gradient_steps,
             target_update_interval=cfg.target_update_interval, exploration_fraction=cfg.exploration_fraction,
             exploration_initial_eps=cfg.exploration_initial_eps, exploration_final_eps=cfg.exploration_final_eps,
             policy_kwargs=dict(net_arch=[], **extractor), **common,
         )
-    return PPO(
+        if cfg.network == "spatial":  # the map already scores every action: drop SB3's linear head
+            model.policy.q_net.q_net = nn.Identity()
+            model.policy.q_net_target.q_net = nn.Identity()
+            model.policy.optimizer = torch.optim.Adam(model.policy.q_net.parameters(), lr=cfg.learning_rate)
+        return model
+    model = PPO(
         "CnnPolicy", env, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, ent_coef=cfg.ent_coef,
         clip_range=cfg.clip_range, policy_kwargs=dict(net_arch=dict(pi=[], vf=[]), **extractor), **common,
     )
+    if cfg.network == "spatial":
+        model.policy.action_net = nn.Identity()
+        model.policy.optimizer = torch.optim.Adam(model.policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    return model
 
 
 def export_policy(model, policy_config: SRDPolicyConfig) -> SRDPolicy:
     """Copy the trained scoring network (DQN's online Q-network, PPO's actor) into an SRDPolicy."""
     policy = SRDPolicy(policy_config)
     if policy_config.algorithm == "dqn":
-        encoder, head = model.q_net.features_extractor.encoder, model.q_net.q_net[0]
+        encoder, head = model.q_net.features_extractor.encoder, model.q_net.q_net
     else:
         encoder, head = model.policy.pi_features_extractor.encoder, model.policy.action_net
     policy.encoder.load_state_dict(encoder.state_dict())
-    policy.head.load_state_dict(head.state_dict())
+    if policy_config.network == "linear":
+        policy.head.load_state_dict((head[0] if isinstance(head, nn.Sequential) else head).state_dict())
     return policy.eval()
 
 
@@ -111,7 +126,7 @@ def export_policy(model, policy_config: SRDPolicyConfig) -> SRDPolicy:
 def _save_resume(model, folder: Path, cfg: PolicyTrainingConfig) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.policy.state_dict().items()}, str(tmp / "policy.safetensors"))
+    save_model(model.policy, str(tmp / "policy.safetensors"))  # handles PPO's shared feature extractor
     opt = model.policy.optimizer.state_dict()
     tensors = {f"{p}.{k}": v.cpu() for p, st in opt["state"].items() for k, v in st.items() if torch.is_tensor(v)}
     save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -132,7 +147,7 @@ def _save_resume(model, folder: Path, cfg: PolicyTrainingConfig) -> None:
 
 def _load_resume(model, folder: Path) -> None:
     counters = json.loads((folder / "counters.json").read_text())
-    model.policy.load_state_dict(load_file(str(folder / "policy.safetensors")))
+    load_model(model.policy, str(folder / "policy.safetensors"))
     opt = model.policy.optimizer
     saved = load_file(str(folder / "optimizer.safetensors"))
     state = opt.state_dict()
@@ -192,13 +207,21 @@ def train_masking_policy(
     """
     policy_config = SRDPolicyConfig(
         algorithm=cfg.algorithm, image_size=env.space.image_size, obs_size=env.config.obs_size, grid=env.space.grid,
-        mask_sizes=list(env.space.mask_sizes), num_masks=num_masks, channels=list(cfg.channels),
+        mask_sizes=list(env.space.mask_sizes), num_masks=num_masks, network=cfg.network, channels=list(cfg.channels),
         features_dim=cfg.features_dim, seed=cfg.seed,
         training={"rl": cfg.to_dict(), "env": env.config.to_dict(), **(record or {})},
     )
     stats: dict = {"returns": [], "lengths": []}
     if cfg.algorithm == "random":
         return SRDPolicy(policy_config).eval(), {"timesteps": 0}
+    if cfg.algorithm == "sac":
+        from .sac import train_discrete_sac
+
+        net, seen = train_discrete_sac(env, cfg, policy_config, stats)
+        policy = SRDPolicy(policy_config)
+        policy.encoder.load_state_dict(net[0].state_dict())
+        policy.head.load_state_dict(net[1].state_dict())
+        return policy.eval(), _summary(seen, stats, env, policy_config)
     torch.manual_seed(cfg.seed)
     model = _sb3_model(env, cfg)
     resume_dir = Path(output_dir) / "resume" if output_dir is not None else None
@@ -209,8 +232,12 @@ def train_masking_policy(
     if remaining > 0:
         model.learn(remaining, callback=_callback(cfg, resume_dir, stats), reset_num_timesteps=model.num_timesteps == 0,
                     tb_log_name=f"srd_{cfg.algorithm}")
+    return export_policy(model, policy_config), _summary(model.num_timesteps, stats, env, policy_config)
+
+
+def _summary(timesteps: int, stats: dict, env: MaskingVecEnv, policy_config: SRDPolicyConfig) -> dict:
     summary = {
-        "timesteps": int(model.num_timesteps),
+        "timesteps": int(timesteps),
         "episodes": len(stats["returns"]),
         "mean_return_last_200": float(np.mean(stats["returns"][-200:])) if stats["returns"] else None,
         "mean_length_last_200": float(np.mean(stats["lengths"][-200:])) if stats["lengths"] else None,
@@ -219,4 +246,4 @@ def train_masking_policy(
         "n_nonfinite_perplexities": env.judge.n_nonfinite,
     }
     policy_config.training["summary"] = summary
-    return export_policy(model, policy_config), summary
+    return summary
