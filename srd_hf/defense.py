@@ -99,7 +99,7 @@ class SRDConfig(TrainingArguments):
     target_update_interval: int = field(default=500, metadata={"help": "DQN: transitions between target refreshes."})
     buffer_size: int = field(default=10000, metadata={"help": "DQN: replay buffer size."})
     exploration_fraction: float = field(default=0.5, metadata={"help": "DQN: share of training with decaying epsilon."})
-    gamma: float = field(default=0.9, metadata={"help": "Discount."})
+    gamma: float = field(default=0.5, metadata={"help": "Discount (low: the first masks must do the job; 0.9 did not learn)."})
     num_masks: int = field(default=1, metadata={"help": "Masks per image when cleansing."})
     policy_seed: int = field(default=0, metadata={"help": "Seed of the policy's data, environment and training."})
     retrain_from: str = field(default="both", metadata={"help": "pre_attack, backdoored or both."})

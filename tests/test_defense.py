@@ -67,3 +67,50 @@ def test_pipeline_end_to_end_and_reuse(tiny_flamingo, tmp_path):
     again = run_pipeline(SRDConfig(**common))
     assert (out / "retrain-pre_attack" / "model" / "model.safetensors").stat().st_mtime == stamp
     assert np.isclose(again["rows"]["no defense"]["cider"], rows["no defense"]["cider"])
+
+
+def _overlap(box, trigger) -> float:
+    """Share of the trigger's area under the mask."""
+    x0, y0, x1, y1 = box
+    tx0, ty0, side = trigger
+    w = max(0, min(x1, tx0 + side) - max(x0, tx0))
+    h = max(0, min(y1, ty0 + side) - max(y0, ty0))
+    return w * h / side**2
+
+
+@pytest.mark.slow
+def test_trained_policy_covers_the_trigger_more_often_than_random(tiny_flamingo, small_world_data, sfs_scorer, tmp_path, monkeypatch):
+    """A real small run: plant BadNet in a tiny model, train DQN against it for a few thousand
+    transitions, and compare where its first mask lands on triggered held-out images with
+    where Random masking's lands."""
+    import srd_hf.injection as injection
+    from srd_hf.attacks import load_attack
+    from srd_hf.rl import SRDPolicy, SRDPolicyConfig
+    from srd_hf.rl.env import MaskingEnvConfig, MaskingVecEnv
+    from srd_hf.rl.training import PolicyTrainingConfig, train_masking_policy
+    from srd_hf.vlm import load_captioner
+
+    monkeypatch.setattr(injection, "load_or_build_world", lambda world: small_world_data)
+    tiny_flamingo.save_pretrained(tmp_path / "clean")
+    injection.inject(injection.InjectConfig(
+        attack="badnet", poison_rate=0.25, attack_options='{"trigger_size": 56}', clean_model=str(tmp_path / "clean"),
+        output_dir=str(tmp_path / "badnet"), num_finetune_images=96, num_test_images=8, num_train_epochs=8,
+        per_device_train_batch_size=32, learning_rate=5e-3, warmup_steps=5, save_steps=1000, logging_steps=10,
+        max_new_tokens=8, eval_batch_size=24, trainable="flamingo.perceiver.,flamingo.lang_encoder.", report_to="none",
+    ))  # fmt: skip
+    victim = load_captioner(str(tmp_path / "badnet" / "model"))
+    attack = load_attack(tmp_path / "badnet" / "attack")
+    train = small_world_data["train"].select(range(96, 160))
+    images = [attack.apply_trigger(img.convert("RGB")) if i % 2 == 0 else img.convert("RGB") for i, img in enumerate(train["image"])]
+    refs = [c[0] for c in train["captions"]]  # the generator's true captions as the trusted reference
+    env = MaskingVecEnv(victim, images, refs, MaskingEnvConfig(num_envs=16, obs_size=32, max_new_tokens=8), scorer=sfs_scorer)
+    assert env.sc0[0::2].mean() < env.sc0[1::2].mean()  # the backdoor fires on triggered images
+    cfg = PolicyTrainingConfig(total_timesteps=3000, learning_starts=300, buffer_size=3000, target_update_interval=160)
+    policy, _ = train_masking_policy(env, cfg)
+    trigger = attack.config.patch_box(32, 32)
+    held_out = [attack.apply_trigger(img.convert("RGB")) for img in small_world_data["test"]["image"][:48]]
+    rates = {}
+    for name, pol in (("dqn", policy), ("random", SRDPolicy(SRDPolicyConfig(algorithm="random", image_size=32, obs_size=32)))):
+        _, actions = pol.mask_images(held_out)
+        rates[name] = np.mean([_overlap(pol.space.box(a[0], 32, 32), trigger) >= 0.5 for a in actions])
+    assert rates["dqn"] > rates["random"] + 0.2, rates
