@@ -6,8 +6,8 @@
 
 With no arguments, on the embedded world: pretrain the clean model (outputs/clean), plant
 BadNet at 10% (outputs/backdoor/badnet-0.1), train a DQN masking policy against the
-backdoored model, mask the poisoned fine-tuning set with it, retrain (from the pre-attack and
-from the backdoored model) and evaluate. Every stage that already has its artifact is reused,
+backdoored model, mask the poisoned fine-tuning set with it, retrain from the pre-attack
+model (``--retrain_from both`` adds the backdoored start) and evaluate. Every stage that already has its artifact is reused,
 and a killed run resumes.
 """
 

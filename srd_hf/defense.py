@@ -74,7 +74,9 @@ class SRDConfig(TrainingArguments):
     num_masks: masks the policy places per image when cleansing.
 
     > Retraining and evaluation
-    retrain_from: "pre_attack", "backdoored" or "both".
+    retrain_from: "pre_attack" (default), "backdoored" or "both". Masked images never show the
+        trigger, so retraining the backdoored model does not unlearn it (measured: ASR 30.8% vs
+        4.2% from the pre-attack model on BadNet).
     num_test_images: test images scored; ASR on the same images with the trigger.
     """
 
@@ -102,7 +104,7 @@ class SRDConfig(TrainingArguments):
     gamma: float = field(default=0.5, metadata={"help": "Discount (low: the first masks must do the job; 0.9 did not learn)."})
     num_masks: int = field(default=1, metadata={"help": "Masks per image when cleansing."})
     policy_seed: int = field(default=0, metadata={"help": "Seed of the policy's data, environment and training."})
-    retrain_from: str = field(default="both", metadata={"help": "pre_attack, backdoored or both."})
+    retrain_from: str = field(default="pre_attack", metadata={"help": "pre_attack (default: the one that removes the backdoor), backdoored or both."})
     num_test_images: int = field(default=500, metadata={"help": "Test images scored."})
     max_new_tokens: int = field(default=24, metadata={"help": "Caption length limit."})
     eval_batch_size: int = field(default=128, metadata={"help": "Captioning batch size."})

@@ -11,7 +11,7 @@ from srd_hf.defense import SRDConfig, defender_set, results_table, run_pipeline
 
 def test_config_validation(tmp_path):
     cfg = SRDConfig(output_dir=str(tmp_path / "o"))
-    assert cfg.backdoored_model == "outputs/backdoor/badnet-0.1/model" and cfg.retrain_starts == ["pre_attack", "backdoored"]
+    assert cfg.backdoored_model == "outputs/backdoor/badnet-0.1/model" and cfg.retrain_starts == ["pre_attack"]
     with pytest.raises(ValueError, match="policy_data"):
         SRDConfig(output_dir=str(tmp_path), policy_data="oracle")
     with pytest.raises(ValueError, match="algorithm"):
@@ -40,7 +40,7 @@ def test_pipeline_end_to_end_and_reuse(tiny_flamingo, tmp_path):
         attack="badnet", clean_model=str(clean_dir), backdoored_model=str(tmp_path / "backdoor" / "model"),
         poisoned_dataset=str(tmp_path / "backdoor" / "poisoned_dataset"), output_dir=str(tmp_path / "srd"),
         num_policy_samples=24, policy_timesteps=64, num_envs=8, learning_starts=16, buffer_size=200,
-        target_update_interval=16, num_test_images=8, max_new_tokens=6, num_train_epochs=1,
+        target_update_interval=16, num_test_images=8, max_new_tokens=6, num_train_epochs=1, retrain_from="both",
         per_device_train_batch_size=64, save_steps=1000, logging_steps=5, seed=0,
     )
     results = run_pipeline(SRDConfig(**common))
