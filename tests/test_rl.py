@@ -91,6 +91,11 @@ def test_cached_judging_equals_the_sfs_scorer(sfs_scorer):
     # empty generations are judged 0 and counted
     sc3, lf3 = judge.judge([0], [""])
     assert sc3[0] == 0 and lf3[0] == 0 and judge.n_empty == 1
+    # a perplexity that is not finite (e.g. an overflow) gives LF 0, a defined reward, and is counted
+    judge._perplexity["a banana"] = float("nan")
+    sc4, lf4 = judge.judge([1], ["a banana"])
+    assert lf4[0] == 0 and judge.n_nonfinite == 1
+    assert mask_reward(sc4, lf4, [0.5], [0.5])[0] == -1.0
     with pytest.raises(ValueError, match="empty reference"):
         CaptionJudge(sfs_scorer, ["fine", "  "])
 
