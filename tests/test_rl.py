@@ -95,7 +95,7 @@ def test_cached_judging_equals_the_sfs_scorer(sfs_scorer):
     judge._perplexity["a banana"] = float("nan")
     sc4, lf4 = judge.judge([1], ["a banana"])
     assert lf4[0] == 0 and judge.n_nonfinite == 1
-    assert mask_reward(sc4, lf4, [0.5], [0.5])[0] == -1.0
+    assert mask_reward(sc4, lf4, sc4, [0.5])[0] == -1.0  # same SC, fluency lost
     with pytest.raises(ValueError, match="empty reference"):
         CaptionJudge(sfs_scorer, ["fine", "  "])
 
