@@ -11,7 +11,6 @@ model (``--retrain_from both`` adds the backdoored start) and evaluate. Every st
 and a killed run resumes.
 """
 
-import json
 import logging
 
 from trl import TrlParser

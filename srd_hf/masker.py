@@ -53,18 +53,15 @@ class SRDMasker:
         """Policy from a folder or Hub id (safetensors + JSON only)."""
         return cls(SRDPolicy.from_pretrained(str(name_or_path)), **kwargs)
 
-    def _fits(self, image: Image.Image) -> bool:
-        return min(image.size) >= max(self.policy.space.side_pixels)
-
     def mask_images(self, images: Sequence[Any]) -> tuple[list[Image.Image], list[list[list[int]] | None]]:
         """Masked copies of ``images`` and the boxes placed on each (``None`` for a skipped image)."""
         images = [ensure_rgb(img) if isinstance(img, Image.Image) else _not_an_image(img, i) for i, img in enumerate(images)]
-        fits = [self._fits(img) for img in images]
+        fits = [self.policy.space.fits(*img.size) for img in images]
         bad = [i for i, ok in enumerate(fits) if not ok]
         if bad and self.on_small_image == "error":
             w, h = images[bad[0]].size
             raise ValueError(
-                f"{len(bad)} images are smaller than the policy's largest mask ({max(self.policy.space.side_pixels)} px), e.g. item {bad[0]} ({w}x{h}); pass on_small_image='skip' to leave them unmasked"
+                f"{len(bad)} images are smaller than the policy's largest mask ({self.policy.space.largest_side} px), e.g. item {bad[0]} ({w}x{h}); pass on_small_image='skip' to leave them unmasked"
             )
         todo = [i for i, ok in enumerate(fits) if ok]
         out: list[Image.Image] = list(images)

@@ -70,7 +70,6 @@ def test_masks_land_where_the_action_says_and_accumulate():
     assert red == 6 * 6 + 15 * 15
     assert (pixels == 50).all()  # the input is never modified
     # a non-square image: the mask scales with the shorter side and stays inside
-    wide = np.zeros((64, 128, 3), dtype=np.uint8)
     x0, y0, x1, y1 = space.box(155, 128, 64)
     assert x1 - x0 == y1 - y0 == 11 and (x0 + x1) / 2 == pytest.approx(5.5 * 12.8, abs=1)
 

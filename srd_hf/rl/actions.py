@@ -63,6 +63,14 @@ class MaskActionSpace:
         return tuple(paper_pixels(s, self.image_size) for s in self.mask_sizes)
 
     @property
+    def largest_side(self) -> int:
+        """Side in pixels of the largest mask at ``image_size``: smaller images cannot hold it."""
+        return max(self.side_pixels)
+
+    def fits(self, width: int, height: int) -> bool:
+        return min(width, height) >= self.largest_side
+
+    @property
     def n(self) -> int:
         return self.grid * self.grid * len(self.mask_sizes)
 

@@ -20,7 +20,6 @@ import numpy as np
 from gymnasium import spaces
 from PIL import Image
 from stable_baselines3.common.vec_env import VecEnv
-from tqdm.auto import tqdm
 
 from ..data.images import ensure_rgb
 from ..vlm.base import CaptioningVLM
@@ -107,12 +106,11 @@ class MaskingVecEnv(VecEnv):
         self.pixels = [self._to_pixels(img, i) for i, img in enumerate(images)]
         side = image_size or min(self.pixels[0].shape[:2])
         self.space = config.action_space(side)
-        largest = max(self.space.side_pixels)
-        small = [i for i, p in enumerate(self.pixels) if min(p.shape[:2]) < largest]
+        small = [i for i, p in enumerate(self.pixels) if not self.space.fits(p.shape[1], p.shape[0])]
         if small:
             h, w = self.pixels[small[0]].shape[:2]
             raise ValueError(
-                f"{len(small)} images are smaller than the largest mask ({largest} px), e.g. image {small[0]} ({w}x{h})"
+                f"{len(small)} images are smaller than the largest mask ({self.space.largest_side} px), e.g. image {small[0]} ({w}x{h})"
             )
         if judge is None:
             if scorer is None:

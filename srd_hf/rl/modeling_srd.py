@@ -77,12 +77,11 @@ class SRDPolicy(
         if num_masks < 0:
             raise ValueError(f"num_masks must be >= 0, got {num_masks}")
         pixels = [np.asarray(ensure_rgb(img), dtype=np.uint8) for img in images]
-        largest = max(self.space.side_pixels)
         for i, p in enumerate(pixels):
-            if min(p.shape[:2]) < largest:
+            if not self.space.fits(p.shape[1], p.shape[0]):
                 raise ValueError(
                     f"image {i} is {p.shape[1]}x{p.shape[0]} px, smaller than the policy's largest mask "
-                    f"({largest} px: {self.config.mask_sizes[-1]:g} px at 224 px on {self.config.image_size} px images)"
+                    f"({self.space.largest_side} px: {max(self.config.mask_sizes):g} px at 224 px on {self.config.image_size} px images)"
                 )
         actions: list[list[int]] = [[] for _ in images]
         for _ in range(num_masks):

@@ -14,17 +14,22 @@ import torch
 from torch import nn
 
 
+def conv_trunk(channels) -> list[nn.Module]:
+    """Stride-2 convolutions (5x5 first, then 3x3) with ReLUs: each halves the image side."""
+    layers, in_ch = [], 3
+    for i, out_ch in enumerate(channels):
+        kernel = 5 if i == 0 else 3
+        layers += [nn.Conv2d(in_ch, out_ch, kernel, stride=2, padding=kernel // 2), nn.ReLU()]
+        in_ch = out_ch
+    return layers
+
+
 class ImageEncoder(nn.Module):
     """uint8-range images (B, 3, S, S) scaled to [0, 1] -> features (B, features_dim)."""
 
     def __init__(self, obs_size: int = 64, channels: tuple[int, ...] = (32, 64, 64), features_dim: int = 256):
         super().__init__()
-        layers, in_ch = [], 3
-        for i, out_ch in enumerate(channels):
-            kernel = 5 if i == 0 else 3
-            layers += [nn.Conv2d(in_ch, out_ch, kernel, stride=2, padding=kernel // 2), nn.ReLU()]
-            in_ch = out_ch
-        self.conv = nn.Sequential(*layers, nn.Flatten())
+        self.conv = nn.Sequential(*conv_trunk(channels), nn.Flatten())
         with torch.no_grad():
             flat = self.conv(torch.zeros(1, 3, obs_size, obs_size)).shape[1]
         self.project = nn.Sequential(nn.Linear(flat, features_dim), nn.ReLU())
@@ -41,12 +46,8 @@ class MaskScoreMap(nn.Module):
 
     def __init__(self, obs_size: int = 64, channels: tuple[int, ...] = (32, 64, 64), n_sizes: int = 4, grid: int = 10, hidden: int = 64):
         super().__init__()
-        layers, in_ch = [], 3
-        for i, out_ch in enumerate(channels):
-            kernel = 5 if i == 0 else 3
-            layers += [nn.Conv2d(in_ch, out_ch, kernel, stride=2, padding=kernel // 2), nn.ReLU()]
-            in_ch = out_ch
-        self.trunk = nn.Sequential(*layers)
+        self.trunk = nn.Sequential(*conv_trunk(channels))
+        in_ch = channels[-1]
         self.local = nn.Sequential(nn.Conv2d(in_ch, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, n_sizes, 1))
         self.pooled = nn.Linear(in_ch, n_sizes)
         self.grid = grid
