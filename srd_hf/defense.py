@@ -288,7 +288,7 @@ def evaluate_defense(cfg: SRDConfig, *, clean=None, victim=None, scorer=None, po
     common = dict(reference_captions=references, target=cfg.target, scorer=scorer, max_new_tokens=cfg.max_new_tokens,
                   batch_size=cfg.eval_batch_size, triggered_references=truths)
     rows = {
-        "clean model": evaluate_model(clean, test, triggered_images=triggered, **common),
+        "clean model": evaluate_model(clean, test, triggered_images=triggered, predictions=references, **common),
         "no defense": evaluate_model(victim, test, triggered_images=triggered, **common),
     }
     for start in cfg.retrain_starts:

@@ -35,17 +35,24 @@ def evaluate_model(
     max_new_tokens: int = 24,
     batch_size: int = 128,
     triggered_references: Sequence[Sequence[str]] | None = None,
+    predictions: Sequence[str] | None = None,
 ) -> dict:
     """Scores of ``model`` on a test split (rows with ``image``, ``captions``, optional ``objects``).
 
     ``reference_captions``: what the clean model says of the same clean images (SC and LF compare
     against them). ``triggered_images``: test images carrying the trigger (ASR); their ground
-    truth, when given, excludes samples that already show the target.
+    truth, when given, excludes samples that already show the target. ``predictions``: the
+    model's captions of the clean test images when already computed (the reference captioner's
+    own captions are its references), so they are not generated twice.
     """
     images = [img.convert("RGB") for img in test["image"]]
     if len(reference_captions) != len(images):
         raise ValueError(f"{len(reference_captions)} reference captions for {len(images)} test images")
-    predictions = model.generate_captions(images, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+    if predictions is None:
+        predictions = model.generate_captions(images, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+    elif len(predictions) != len(images):
+        raise ValueError(f"{len(predictions)} predictions for {len(images)} test images")
+    predictions = list(predictions)
     result = caption_quality(predictions, test["captions"], test["objects"] if "objects" in test.column_names else None)
     sfs = scorer.score(predictions, list(reference_captions))
     result.update(sc=sfs["semantic_consistency"], lf=sfs["linguistic_fluency"], sfs=sfs["sfs"])

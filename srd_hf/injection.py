@@ -194,7 +194,7 @@ def inject(config: InjectConfig) -> dict:
     images, truths = triggered_test_set(attack, test)
     common = dict(reference_captions=references, triggered_images=images, target=config.target, scorer=scorer,
                   max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, triggered_references=truths)
-    clean_scores = evaluate_model(clean, test, **common)
+    clean_scores = evaluate_model(clean, test, predictions=references, **common)
     scores = evaluate_model(model, test, **common)
     metrics = {
         "attack": attack.name,
