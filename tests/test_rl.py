@@ -301,3 +301,29 @@ def test_dqn_resumes_from_its_checkpoint(tiny_flamingo, small_world_data, sfs_sc
     cfg.total_timesteps = counters["num_timesteps"] + 6
     _, summary = train_masking_policy(env, cfg, output_dir=tmp_path)
     assert summary["timesteps"] == cfg.total_timesteps and summary["episodes"] <= 3
+
+
+def test_sac_resumes_with_its_buffer_and_networks(tiny_flamingo, small_world_data, sfs_scorer, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from srd_hf.rl.training import PolicyTrainingConfig, train_masking_policy
+
+    env, _ = _env(tiny_flamingo, small_world_data, sfs_scorer)
+    cfg = PolicyTrainingConfig(algorithm="sac", total_timesteps=12, learning_starts=4, batch_size=4, buffer_size=6, save_steps=4)
+    first, _ = train_masking_policy(env, cfg, output_dir=tmp_path)
+    resume = tmp_path / "resume"
+    counters = json.loads((resume / "counters.json").read_text())
+    assert counters["num_timesteps"] == 12 and counters["buffer_len"] == 6  # buffer full: 12 seen, 6 kept
+    saved = load_file(str(resume / "loss.safetensors"))
+    assert any("target" in k for k in saved) and any("alpha" in k for k in saved)
+    # the checkpoint holds the last trained actor: resuming at the budget does no step and returns it
+    again, summary = train_masking_policy(env, cfg, output_dir=tmp_path)
+    assert summary["timesteps"] == 12
+    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    # a longer budget continues from 12 transitions with the restored buffer
+    cfg.total_timesteps = 18
+    _, summary = train_masking_policy(env, cfg, output_dir=tmp_path)
+    assert summary["timesteps"] == 18 and summary["episodes"] <= 2 * env.num_envs  # two vector steps, not six
+    assert json.loads((resume / "counters.json").read_text())["num_timesteps"] == 18

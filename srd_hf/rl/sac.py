@@ -2,12 +2,22 @@
 and target-network updater (Stable-Baselines3 has no discrete SAC). The loop reads top to
 bottom: act (random until ``learning_starts``, then sample the actor), store the transitions
 (the true last state of finished episodes, not the reset one), update.
+
+Resuming: every ``save_steps`` transitions the networks (target copies and temperature
+included), the optimizer, the replay buffer (oldest first), the counters and the random
+generators go to ``resume/`` as safetensors + JSON; a restarted run continues from there
+with fresh episodes.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,8 +36,51 @@ class _Scaled(nn.Module):
         return self.net(observation.float() / 255.0)
 
 
-def train_discrete_sac(env: MaskingVecEnv, cfg, policy_config, stats: dict) -> tuple[nn.Module, int]:
-    """Train and return (the actor's scoring network, transitions seen)."""
+def _save_resume(folder: Path, loss: nn.Module, optimizer, buffer, seen: int, rng: np.random.Generator, cfg) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in loss.state_dict().items()}, str(tmp / "loss.safetensors"))
+    opt = optimizer.state_dict()
+    save_file({f"{p}.{k}": v.cpu() for p, st in opt["state"].items() for k, v in st.items() if torch.is_tensor(v)},
+              str(tmp / "optimizer.safetensors"))
+    stored = len(buffer)
+    if stored:
+        # the round-robin writer's next slot is seen % capacity; store oldest first so that
+        # re-extending an empty buffer restores both the contents and the eviction order
+        order = torch.arange(stored)
+        if stored == cfg.buffer_size:
+            order = torch.roll(order, -(seen % cfg.buffer_size))
+        data = buffer[order].flatten_keys(".")
+        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp / "replay_buffer.safetensors"))
+    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    counters = {"num_timesteps": seen, "buffer_len": stored, "numpy_rng": rng.bit_generator.state, "config": cfg.to_dict()}
+    (tmp / "counters.json").write_text(json.dumps(counters, default=float))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _load_resume(folder: Path, loss: nn.Module, optimizer, buffer, rng: np.random.Generator) -> int:
+    from tensordict import TensorDict
+
+    counters = json.loads((folder / "counters.json").read_text())
+    loss.load_state_dict(load_file(str(folder / "loss.safetensors")))
+    state = optimizer.state_dict()
+    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
+        p, k = key.split(".", 1)
+        state["state"].setdefault(int(p), {})[k] = value
+    optimizer.load_state_dict(state)
+    if counters["buffer_len"]:
+        flat = load_file(str(folder / "replay_buffer.safetensors"))
+        buffer.extend(TensorDict(flat, batch_size=[counters["buffer_len"]]).unflatten_keys("."))
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_rng"])
+    rng.bit_generator.state = counters["numpy_rng"]
+    return int(counters["num_timesteps"])
+
+
+def train_discrete_sac(env: MaskingVecEnv, cfg, policy_config, stats: dict, resume_dir: Path | None = None) -> tuple[nn.Module, int]:
+    """Train and return (the actor's scoring network, transitions seen); with ``resume_dir``,
+    checkpoint there every ``cfg.save_steps`` transitions and continue from it when present."""
     from tensordict import TensorDict
     from tensordict.nn import TensorDictModule
     from torchrl.data import LazyTensorStorage, OneHot, ReplayBuffer
@@ -55,9 +108,12 @@ def train_discrete_sac(env: MaskingVecEnv, cfg, policy_config, stats: dict) -> t
     buffer = ReplayBuffer(storage=LazyTensorStorage(cfg.buffer_size), batch_size=cfg.batch_size)
     rng = np.random.default_rng(cfg.seed)
 
-    obs = env.reset()
     seen = 0
-    bar = tqdm(total=cfg.total_timesteps, desc="train sac", unit="step")
+    if resume_dir is not None and (resume_dir / "counters.json").is_file():
+        seen = _load_resume(resume_dir, loss, optimizer, buffer, rng)
+    last_save = seen
+    obs = env.reset()
+    bar = tqdm(total=cfg.total_timesteps, initial=seen, desc="train sac", unit="step")
     while seen < cfg.total_timesteps:
         if seen < cfg.learning_starts:
             actions = rng.integers(0, n, size=env.num_envs)
@@ -93,7 +149,12 @@ def train_discrete_sac(env: MaskingVecEnv, cfg, policy_config, stats: dict) -> t
                 optimizer.step()
                 target_update.step()
         bar.update(env.num_envs)
+        if resume_dir is not None and seen - last_save >= cfg.save_steps:
+            _save_resume(resume_dir, loss, optimizer, buffer, seen, rng, cfg)
+            last_save = seen
         if stats["returns"]:
             bar.set_postfix(ret=f"{np.mean(stats['returns'][-200:]):.2f}", len=f"{np.mean(stats['lengths'][-200:]):.2f}")
     bar.close()
+    if resume_dir is not None and seen > last_save:
+        _save_resume(resume_dir, loss, optimizer, buffer, seen, rng, cfg)
     return actor_net, seen

@@ -6,7 +6,8 @@ the target network is refreshed (``target_update_interval``), learning starts af
 ``learning_starts`` transitions, and episodes end early at the best reward.
 
 Resuming: every ``save_steps`` transitions the run writes ``resume/`` (network and optimizer
-state, replay buffer as plain arrays, counters); a restarted run continues from it.
+state, replay buffer as plain arrays, counters; SAC's in ``sac.py``); a restarted run
+continues from it.
 """
 
 from __future__ import annotations
@@ -214,17 +215,17 @@ def train_masking_policy(
     stats: dict = {"returns": [], "lengths": []}
     if cfg.algorithm == "random":
         return SRDPolicy(policy_config).eval(), {"timesteps": 0}
+    resume_dir = Path(output_dir) / "resume" if output_dir is not None else None
     if cfg.algorithm == "sac":
         from .sac import train_discrete_sac
 
-        net, seen = train_discrete_sac(env, cfg, policy_config, stats)
+        net, seen = train_discrete_sac(env, cfg, policy_config, stats, resume_dir)
         policy = SRDPolicy(policy_config)
         policy.encoder.load_state_dict(net[0].state_dict())
         policy.head.load_state_dict(net[1].state_dict())
         return policy.eval(), _summary(seen, stats, env, policy_config)
     torch.manual_seed(cfg.seed)
     model = _sb3_model(env, cfg)
-    resume_dir = Path(output_dir) / "resume" if output_dir is not None else None
     if resume_dir is not None and (resume_dir / "counters.json").is_file():
         _load_resume(model, resume_dir)
         logger.info("resuming %s from %d transitions", cfg.algorithm, model.num_timesteps)
