@@ -246,3 +246,27 @@ def test_module_doctests(sfs):
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     runner.run(test)
     assert test.examples and runner.failures == 0
+
+
+def test_a_hub_failure_is_remembered_so_later_loads_skip_the_retries(monkeypatch):
+    import sentence_transformers
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(_models, "_UNREACHABLE", set())
+    tried = []
+
+    class NoNetwork:  # stands in for the Hub being unreachable: only local folders load
+        def __init__(self, target, device=None):
+            tried.append(target)
+            if not os.path.isdir(target):
+                raise OSError("network unreachable")
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", NoNetwork)
+    _models.resolve_sentence_encoder()
+    _models.resolve_sentence_encoder()
+    embedded = str(_models.embedded_encoder_path())
+    assert tried == [_models.DEFAULT_ENCODER, embedded, embedded]

