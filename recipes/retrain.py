@@ -23,6 +23,7 @@ def main(config: SRDConfig) -> dict:
     print(f"\nSRD vs No Defense: {config.attack} at {config.poison_rate:g}, policy {config.algorithm} "
           f"({results['num_test_images']} test images; ASR on the same images with the trigger)\n")
     print(results_table(results))
+    print("\nwall clock per stage (s): " + ", ".join(f"{k} {v:g}" for k, v in results["stage_seconds"].items()))
     print(f"\nresults: {config.output_dir}/results.json")
     return results
 

@@ -174,7 +174,8 @@ def backdoor_inputs(cfg: SRDConfig):
     if not (model_dir / "config.json").is_file() and not Path(cfg.poisoned_dataset).exists():
         logger.info("no backdoored model at %s: planting %s first", model_dir, cfg.attack)
         inject(InjectConfig(attack=cfg.attack, poison_rate=cfg.poison_rate, target=cfg.target, clean_model=cfg.clean_model,
-                            output_dir=str(model_dir.parent), num_test_images=cfg.num_test_images, seed=cfg.seed))
+                            output_dir=str(model_dir.parent), num_test_images=cfg.num_test_images, max_new_tokens=cfg.max_new_tokens,
+                            eval_batch_size=cfg.eval_batch_size, seed=cfg.seed))
     return clean, load_captioner(cfg.backdoored_model), load_from_disk(cfg.poisoned_dataset)
 
 
@@ -272,6 +273,26 @@ def retrain(cfg: SRDConfig, start: str, cleansed: Dataset | None = None):
     return model
 
 
+def _inject_rows(cfg: SRDConfig, num_test_images: int) -> tuple[list[str], dict] | None:
+    """The inject stage's clean-model and no-defense rows and its clean reference captions,
+    when they were measured on the same test images, target, caption length and clean model
+    (then captioning and scoring them again would give the same numbers); else ``None``."""
+    folder = Path(cfg.backdoored_model).parent
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        references = json.loads((folder / "clean_reference_captions.json").read_text())
+    except (OSError, ValueError):
+        return None
+    measured = metrics.get("evaluation", {})
+    same = (measured.get("num_test_images") == num_test_images == len(references) and measured.get("target") == cfg.target
+            and measured.get("max_new_tokens") == cfg.max_new_tokens
+            and Path(measured.get("clean_model", "")).resolve() == Path(cfg.clean_model).resolve())
+    if not same:
+        return None
+    logger.info("reusing the clean-model and no-defense rows measured by the inject stage in %s", folder)
+    return references, {"clean model": metrics["clean_model"], "no defense": metrics["no_defense"]}
+
+
 def evaluate_defense(cfg: SRDConfig, *, clean=None, victim=None, scorer=None, policy: SRDPolicy | None = None) -> dict:
     """Stage 4: the table. Rows: clean model, No Defense, SRD (retrained from each start), and
     SRD as an inference-time filter (the backdoored model captioning masked inputs)."""
@@ -282,15 +303,20 @@ def evaluate_defense(cfg: SRDConfig, *, clean=None, victim=None, scorer=None, po
     data = load_or_build_world(world_of(clean))
     test = data["test"].select(range(min(cfg.num_test_images, len(data["test"]))))
     scorer = scorer or SFSScorer().load()
-    references = clean.generate_captions([img.convert("RGB") for img in test["image"]], max_new_tokens=cfg.max_new_tokens,
-                                         batch_size=cfg.eval_batch_size, progress=True)
     triggered, truths = triggered_test_set(attack, test)
+    reused = _inject_rows(cfg, len(test))
+    if reused is not None:
+        references, rows = reused
+    else:
+        references = clean.generate_captions([img.convert("RGB") for img in test["image"]], max_new_tokens=cfg.max_new_tokens,
+                                             batch_size=cfg.eval_batch_size, progress=True)
     common = dict(reference_captions=references, target=cfg.target, scorer=scorer, max_new_tokens=cfg.max_new_tokens,
                   batch_size=cfg.eval_batch_size, triggered_references=truths)
-    rows = {
-        "clean model": evaluate_model(clean, test, triggered_images=triggered, predictions=references, **common),
-        "no defense": evaluate_model(victim, test, triggered_images=triggered, **common),
-    }
+    if reused is None:
+        rows = {
+            "clean model": evaluate_model(clean, test, triggered_images=triggered, predictions=references, **common),
+            "no defense": evaluate_model(victim, test, triggered_images=triggered, **common),
+        }
     for start in cfg.retrain_starts:
         rows[f"SRD (retrained from {start.replace('_', '-')})"] = evaluate_model(retrain(cfg, start), test, triggered_images=triggered, **common)
     masker = SRDMasker(policy, num_masks=cfg.num_masks)
@@ -318,10 +344,25 @@ def run_pipeline(cfg: SRDConfig) -> dict:
     """pretrain -> inject -> train_policy -> cleanse -> retrain -> evaluate, each stage reused when done."""
     torch.manual_seed(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    seconds, clock = {}, time.time()
+
+    def lap(stage: str) -> None:  # wall clock per stage (a reused stage costs only its loading)
+        nonlocal clock
+        seconds[stage], clock = round(time.time() - clock, 1), time.time()
+
     clean, victim, untrusted = backdoor_inputs(cfg)
+    lap("pretrain_and_inject")
     scorer = SFSScorer().load()
     policy = train_policy(cfg, clean=clean, victim=victim, untrusted=untrusted, scorer=scorer)
+    lap("train_policy")
     cleansed = cleanse(cfg, policy, untrusted)
+    lap("cleanse")
     for start in cfg.retrain_starts:
         retrain(cfg, start, cleansed)
-    return evaluate_defense(cfg, clean=clean, victim=victim, scorer=scorer, policy=policy)
+    lap("retrain")
+    results = evaluate_defense(cfg, clean=clean, victim=victim, scorer=scorer, policy=policy)
+    lap("evaluate")
+    results["stage_seconds"] = seconds
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    logger.info("stage wall clock (s): %s", seconds)
+    return results

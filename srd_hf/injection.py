@@ -207,7 +207,11 @@ def inject(config: InjectConfig) -> dict:
         "seed": config.seed,
         "no_defense": scores,
         "clean_model": clean_scores,
+        # what the two rows were measured on, so that the defense's table can reuse them
+        "evaluation": {"clean_model": str(config.clean_model), "num_test_images": len(test), "target": config.target,
+                       "max_new_tokens": config.max_new_tokens},
     }
+    (out / "clean_reference_captions.json").write_text(json.dumps(references))
     model.config.extra.update({"backdoor": {k: metrics[k] for k in ("attack", "attack_config", "poison_rate", "n_poisoned")}})
     model.save_pretrained(final)
     write_backdoor_card(final, metrics, config)

@@ -62,6 +62,10 @@ def test_pipeline_end_to_end_and_reuse(tiny_flamingo, tmp_path):
     poisoned = load_from_disk(common["poisoned_dataset"])
     assert cleansed.num_rows == poisoned.num_rows and all(len(m) == 1 for m in cleansed["srd_masks"])
     assert "| no defense |" in results_table(results)
+    # the inject stage measured the clean and no-defense rows on the same images: reused, not redone
+    injected = json.loads((tmp_path / "backdoor" / "metrics.json").read_text())
+    assert rows["no defense"] == injected["no_defense"] and rows["clean model"] == injected["clean_model"]
+    assert set(results["stage_seconds"]) == {"pretrain_and_inject", "train_policy", "cleanse", "retrain", "evaluate"}
     # a second run reuses every artifact (no retraining: the files stay untouched)
     stamp = (out / "retrain-pre_attack" / "model" / "model.safetensors").stat().st_mtime
     again = run_pipeline(SRDConfig(**common))
