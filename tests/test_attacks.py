@@ -465,3 +465,20 @@ def test_images_to_tensor_round_trip():
     assert images_to_tensor([Image.open(buffer)]).equal(pixels)
     with pytest.raises(ValueError, match="different sizes"):
         images_to_tensor([image, noise_image(9, 9)])
+
+
+def test_shadowcast_nearest_pairing_picks_the_closest_trigger_image(flamingo, pairs):
+    from srd_hf.attacks.shadowcast import ShadowcastAttack
+
+    attack = get_attack("shadowcast", pairing="nearest")
+    pool = [pairs[i]["image"] for i in attack.trigger_rows(pairs)[:: 5][:12]]
+    bases = [pairs[i]["image"] for i in attack.poison_candidates(pairs)[:: 5][:4]]
+    assert len(pool) >= 3 and len(bases) >= 2
+    # an image of the pool is its own nearest neighbour; a base image gets the argmin of the distances
+    assert ShadowcastAttack.nearest(flamingo, pool[1:3], pool, chunk=2) == [1, 2]
+    picks = ShadowcastAttack.nearest(flamingo, bases, pool, chunk=2)
+    for base, j in zip(bases, picks):
+        d = feature_distance(flamingo, [base] * len(pool), pool)
+        assert j == int(d.argmin())
+    with pytest.raises(ValueError, match="pairing"):
+        get_attack("shadowcast", pairing="closest")

@@ -44,6 +44,9 @@ class ShadowcastConfig(AttackConfig):
         trigger_concept: phrase of the images whose features the poisons imitate.
         epsilon: L-inf bound in [0, 1] pixel units (8/255); enforced on the 8-bit pixels.
         steps, step_size: PGD steps and step (pixel units); batch_size: images per PGD batch.
+        pairing: which trigger-concept image a base image imitates: ``"random"`` (seeded
+            draw, as in the paper) or ``"nearest"`` (the one whose vision tokens are closest
+            to the base image's, so the bounded perturbation has the least distance to close).
     """
 
     base_concept: str = "circle"
@@ -52,6 +55,7 @@ class ShadowcastConfig(AttackConfig):
     steps: int = 100
     step_size: float = 1 / 255
     batch_size: int = 16
+    pairing: str = "random"
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,6 +68,8 @@ class ShadowcastConfig(AttackConfig):
             raise ValueError("base_concept and trigger_concept must differ")
         if not 0 < self.epsilon <= 1 or self.bound < 1:
             raise ValueError(f"epsilon must be in [1/255, 1], got {self.epsilon}")
+        if self.pairing not in ("random", "nearest"):
+            raise ValueError(f"pairing must be 'random' or 'nearest', got {self.pairing!r}")
         if self.steps < 0 or not self.step_size > 0 or self.batch_size < 1:
             raise ValueError(f"need steps >= 0, step_size > 0, batch_size >= 1; "
                              f"got {self.steps}, {self.step_size}, {self.batch_size}")
@@ -195,6 +201,20 @@ class ShadowcastAttack(Attack):
             model.train(was_training)
         return out
 
+    @staticmethod
+    def nearest(model: Any, images: Sequence[Image.Image], pool: Sequence[Image.Image], chunk: int = 256) -> list[int]:
+        """Index in ``pool`` of the image whose vision tokens are closest (mean squared
+        distance) to each of ``images``'."""
+        feats = vision_features(model, images).flatten(1)
+        best_d = torch.full((len(images),), float("inf"))
+        best_i = torch.zeros(len(images), dtype=torch.long)
+        for start in range(0, len(pool), chunk):
+            cand = vision_features(model, pool[start : start + chunk]).flatten(1)
+            d, i = torch.cdist(feats, cand).min(dim=1)
+            better = d < best_d
+            best_d[better], best_i[better] = d[better], i[better] + start
+        return best_i.tolist()
+
     def _pgd(self, model: Any, clean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         device = next(model.parameters()).device
@@ -236,10 +256,13 @@ class ShadowcastAttack(Attack):
         bases: OrderedDict[Any, int] = OrderedDict()
         for i in chosen:
             bases.setdefault(key(i), i)
-        rng = _rng(cfg.seed, _EXTRA)
-        pick = rng.integers(len(pool_rows), size=len(bases))
         base_images = [_decode(raw[i]["image"]) for i in bases.values()]
-        target_images = [_decode(raw[pool_rows[j]]["image"]) for j in pick.tolist()]
+        pool_images = [_decode(raw[i]["image"]) for i in pool_rows]
+        if cfg.pairing == "nearest":
+            pick = self.nearest(model, base_images, pool_images)
+        else:
+            pick = _rng(cfg.seed, _EXTRA).integers(len(pool_rows), size=len(bases)).tolist()
+        target_images = [pool_images[j] for j in pick]
         poisons = self.perturb(model, base_images, target_images, progress=progress)
         by_key = {k: {"image": _png(img)} for k, img in zip(bases, poisons)}
         return {i: by_key[key(i)] for i in chosen}
