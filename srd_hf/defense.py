@@ -104,6 +104,7 @@ class SRDConfig(TrainingArguments):
     gamma: float = field(default=0.5, metadata={"help": "Discount (low: the first masks must do the job; 0.9 did not learn)."})
     num_masks: int = field(default=1, metadata={"help": "Masks per image when cleansing."})
     policy_seed: int = field(default=0, metadata={"help": "Seed of the policy's data, environment and training."})
+    trainable: str = field(default="", metadata={"help": "Comma-separated parameter prefixes retraining trains (default: the paper's freeze); match the attacker's recipe to test a cleansed set fairly."})
     retrain_from: str = field(default="pre_attack", metadata={"help": "pre_attack (default: the one that removes the backdoor), backdoored or both."})
     num_test_images: int = field(default=500, metadata={"help": "Test images scored."})
     max_new_tokens: int = field(default=24, metadata={"help": "Caption length limit."})
@@ -261,14 +262,16 @@ def retrain(cfg: SRDConfig, start: str, cleansed: Dataset | None = None):
         return load_captioner(final)
     cleansed = cleansed if cleansed is not None else cleanse(cfg)
     model = load_captioner(cfg.clean_model if start == "pre_attack" else cfg.backdoored_model)
-    model.set_trainable(None)
+    model.set_trainable([p.strip() for p in cfg.trainable.split(",") if p.strip()] or None)
     args = copy.deepcopy(cfg)
     args.output_dir = str(run_dir)
     columns = [c for c in ("image", "caption") if c in cleansed.column_names]
     trainer = Trainer(model=model, args=args, train_dataset=cleansed.select_columns(columns),
                       data_collator=CaptionCollator(model, caption_column="caption"))
     trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir))
-    model.config.extra.update({"srd_retrain": {"start": start, "policy": str(cfg.out / "policy"), "seed": cfg.seed}})
+    model.config.extra.update({"srd_retrain": {"start": start, "policy": str(cfg.out / "policy"), "seed": cfg.seed,
+                                               "trainable": cfg.trainable or "paper's freeze",
+                                               "num_train_epochs": cfg.num_train_epochs}})
     model.save_pretrained(final)
     return model
 

@@ -118,3 +118,25 @@ def test_trained_policy_covers_the_trigger_more_often_than_random(tiny_flamingo,
         _, actions = pol.mask_images(held_out)
         rates[name] = np.mean([_overlap(pol.space.box(a[0], 32, 32), trigger) >= 0.5 for a in actions])
     assert rates["dqn"] > rates["random"] + 0.2, rates
+
+
+def test_retrain_trains_only_the_given_prefixes(tiny_flamingo, small_world_data, tmp_path):
+    import torch
+
+    from srd_hf.attacks.base import to_caption_pairs
+    from srd_hf.defense import retrain
+    from srd_hf.vlm import load_captioner
+
+    clean_dir = tmp_path / "clean"
+    tiny_flamingo.save_pretrained(clean_dir)
+    cleansed = to_caption_pairs(small_world_data["train"].select(range(4)))
+    common = dict(clean_model=str(clean_dir), output_dir=str(tmp_path / "srd"), max_steps=2, warmup_steps=0, per_device_train_batch_size=4,
+                  save_steps=1000, seed=0)
+    with pytest.raises(ValueError, match="match no parameter"):
+        retrain(SRDConfig(trainable="flamingo.no_such_part.", **common), "pre_attack", cleansed)
+    head = "flamingo.lang_encoder.lm_head."
+    model = retrain(SRDConfig(trainable=head, **common), "pre_attack", cleansed)
+    before = load_captioner(clean_dir).state_dict()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(head) for k in changed)
+    assert model.config.extra["srd_retrain"]["trainable"] == head
