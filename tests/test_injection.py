@@ -83,3 +83,20 @@ def test_inject_plants_a_working_backdoor_on_the_small_world(tiny_flamingo, smal
     saved = json.loads((tmp_path / "badnet" / "metrics.json").read_text())
     assert saved["no_defense"]["asr"] == nd["asr"]
     assert load_captioner(str(tmp_path / "badnet" / "model")).config.extra["backdoor"]["attack"] == "badnet"
+
+
+@pytest.mark.parametrize("attack_name", ["badnet", "blended", "trojvlm", "vlood", "vl_trojan", "shadowcast"])
+def test_each_attack_config_file_parses_and_builds_its_attack(attack_name, tiny_flamingo, tmp_path):
+    import copy
+    from pathlib import Path
+
+    from trl import TrlParser
+
+    path = Path(__file__).parents[1] / "recipes" / "configs" / f"inject_{attack_name}.yaml"
+    (config,) = TrlParser((InjectConfig,)).parse_args_and_config(["--config", str(path), "--output_dir", str(tmp_path)])
+    assert config.attack == attack_name and config.poison_rate == 0.1
+    attack = get_attack(config.attack, **config.attack_kwargs())
+    assert attack.name == attack_name and attack.config.target == "banana"
+    if config.trainable:  # every prefix names parameters of the embedded model (set_trainable refuses unknown ones)
+        counts = copy.deepcopy(tiny_flamingo).set_trainable(config.trainable.split(","))
+        assert 0 < counts["trainable"] < counts["total"]
