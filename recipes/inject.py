@@ -4,7 +4,7 @@ the No-Defense scores (BLEU-4, CIDEr, SC, LF, SFS on clean test images; ASR on t
 
     python recipes/inject.py --config recipes/configs/inject_badnet.yaml
     python recipes/inject.py --attack trojvlm --poison_rate 0.05
-    accelerate launch --config_file accelerate_config.yaml recipes/inject.py --config recipes/configs/inject_blended.yaml
+    accelerate launch --config_file accelerate_config.yaml --num_cpu_threads_per_process $(nproc) recipes/inject.py --config recipes/configs/inject_blended.yaml
 
 The clean model defaults to the embedded one (pretrained first when missing). A killed run
 resumes from its last checkpoint; a finished one is reused.

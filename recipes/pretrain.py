@@ -7,7 +7,7 @@ A killed run resumes from its last checkpoint when started again with the same
 ``--output_dir``.
 
     python recipes/pretrain.py --config recipes/configs/pretrain.yaml
-    accelerate launch --config_file accelerate_config.yaml recipes/pretrain.py --config recipes/configs/pretrain.yaml
+    accelerate launch --config_file accelerate_config.yaml --num_cpu_threads_per_process $(nproc) recipes/pretrain.py --config recipes/configs/pretrain.yaml
     python recipes/pretrain.py --world_preset small --output_dir outputs/clean-small   # a one-minute smoke run
 """
 

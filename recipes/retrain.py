@@ -1,6 +1,6 @@
 """The main job: defend a backdoored captioner with SRD, end to end, and print No Defense vs SRD.
 
-    accelerate launch --config_file accelerate_config.yaml recipes/retrain.py
+    accelerate launch --config_file accelerate_config.yaml --num_cpu_threads_per_process $(nproc) recipes/retrain.py
     python recipes/retrain.py --attack trojvlm
     python recipes/retrain.py --config recipes/configs/srd_badnet.yaml --retrain_from pre_attack
 
