@@ -41,7 +41,7 @@ from .rl.env import MaskingEnvConfig, MaskingVecEnv
 from .rl.modeling_srd import SRDPolicy
 from .rl.reward import RewardConfig
 from .rl.training import PolicyTrainingConfig, train_masking_policy
-from .vlm import CaptionCollator, load_captioner
+from .vlm import CaptionCollator, load_captioner, parse_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def retrain(cfg: SRDConfig, start: str, cleansed: Dataset | None = None):
         return load_captioner(final)
     cleansed = cleansed if cleansed is not None else cleanse(cfg)
     model = load_captioner(cfg.clean_model if start == "pre_attack" else cfg.backdoored_model)
-    model.set_trainable([p.strip() for p in cfg.trainable.split(",") if p.strip()] or None)
+    model.set_trainable(parse_trainable(cfg.trainable))
     args = copy.deepcopy(cfg)
     args.output_dir = str(run_dir)
     columns = [c for c in ("image", "caption") if c in cleansed.column_names]

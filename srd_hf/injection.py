@@ -25,7 +25,7 @@ from .data.synthetic import WorldConfig
 from .evaluation import evaluate_model
 from .metrics import SFSScorer
 from .pretraining import PretrainConfig, latest_checkpoint, load_or_build_world, pretrain
-from .vlm import load_captioner
+from .vlm import load_captioner, parse_trainable
 from .vlm.base import CaptioningVLM
 
 logger = logging.getLogger(__name__)
@@ -176,8 +176,7 @@ def inject(config: InjectConfig) -> dict:
     references = clean.generate_captions([img.convert("RGB") for img in test["image"]], max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
     loss_kwargs = {"teacher": clean} if config.attack == "vlood" else {}
     model = victim
-    trainable = [p.strip() for p in config.trainable.split(",")] if config.trainable else None
-    counts = model.set_trainable(trainable)
+    counts = model.set_trainable(parse_trainable(config.trainable))
     logger.info("trainable parameters: %s", counts)
     trainer = BackdoorTrainer(
         model=model,

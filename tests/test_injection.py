@@ -92,11 +92,13 @@ def test_each_attack_config_file_parses_and_builds_its_attack(attack_name, tiny_
 
     from trl import TrlParser
 
+    from srd_hf.vlm import parse_trainable
+
     path = Path(__file__).parents[1] / "recipes" / "configs" / f"inject_{attack_name}.yaml"
     (config,) = TrlParser((InjectConfig,)).parse_args_and_config(["--config", str(path), "--output_dir", str(tmp_path)])
     assert config.attack == attack_name and config.poison_rate == 0.1
     attack = get_attack(config.attack, **config.attack_kwargs())
     assert attack.name == attack_name and attack.config.target == "banana"
     if config.trainable:  # every prefix names parameters of the embedded model (set_trainable refuses unknown ones)
-        counts = copy.deepcopy(tiny_flamingo).set_trainable(config.trainable.split(","))
+        counts = copy.deepcopy(tiny_flamingo).set_trainable(parse_trainable(config.trainable))
         assert 0 < counts["trainable"] < counts["total"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from srd_hf.vlm import CaptionCollator, load_captioner
+from srd_hf.vlm import CaptionCollator, load_captioner, parse_trainable
 from srd_hf.vlm.openflamingo import OpenFlamingoCaptioner
 from srd_hf.vlm.openflamingo_compat import CompatFlamingoLayer
 
@@ -169,3 +169,9 @@ def test_tiny_model_overfits_a_handful_of_images(tiny_flamingo, small_world_data
         if loss.item() < 0.01:
             break
     assert tiny_flamingo.generate_captions(images, max_new_tokens=24) == captions
+
+
+def test_parse_trainable_drops_empty_entries_and_maps_empty_to_the_paper_freeze():
+    assert parse_trainable("") is None and parse_trainable(" , ") is None
+    # an empty prefix would match every parameter: a trailing comma must not train the whole model
+    assert parse_trainable("flamingo.perceiver., flamingo.lang_encoder.lm_head.,") == ["flamingo.perceiver.", "flamingo.lang_encoder.lm_head."]

@@ -6,9 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from .base import DEFAULT_PROMPT, CaptionCollator, CaptioningVLM, parameter_counts
+from .base import DEFAULT_PROMPT, CaptionCollator, CaptioningVLM, parameter_counts, parse_trainable
 
-__all__ = ["CaptioningVLM", "CaptionCollator", "DEFAULT_PROMPT", "load_captioner", "parameter_counts"]
+__all__ = ["CaptioningVLM", "CaptionCollator", "DEFAULT_PROMPT", "load_captioner", "parameter_counts", "parse_trainable"]
 
 
 def load_captioner(name_or_path: str | os.PathLike, **kwargs) -> CaptioningVLM:

@@ -130,6 +130,13 @@ class CaptioningVLM(nn.Module, abc.ABC):
         return parameter_counts(self)
 
 
+def parse_trainable(text: str) -> list[str] | None:
+    """Prefixes from a ``--trainable`` field ("a.,b."); empty means ``None``: the paper's freeze.
+    Empty entries are dropped, since an empty prefix would match every parameter."""
+    prefixes = [p.strip() for p in text.split(",") if p.strip()]
+    return prefixes or None
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
