@@ -132,12 +132,23 @@ def world_of(model: CaptioningVLM) -> WorldConfig:
     return WorldConfig(**world)
 
 
-def triggered_test_set(attack, test: Dataset):
-    """Triggered images (and their ground truth) on which ASR is measured."""
+def triggered_test_set(attack, test: Dataset, *, return_boxes: bool = False):
+    """Triggered images (and their ground truth) on which ASR is measured.
+
+    Test image i is triggered as sample i of the attack's test stream
+    (:meth:`~srd_hf.attacks.base.Attack.trigger_test_images`), so randomly placed triggers
+    land at places of their own, not at those of the poisoned training samples. With
+    ``return_boxes`` the trigger's ``[x0, y0, x1, y1]`` on each image comes third (None
+    where no visible trigger is pasted, as for Shadowcast's clean trigger-concept images).
+    """
     if hasattr(attack, "trigger_rows"):  # Shadowcast: clean images of the trigger concept
         rows = test.select(attack.trigger_rows(test))
-        return [img.convert("RGB") for img in rows["image"]], rows["captions"]
-    return [attack.apply_trigger(img.convert("RGB")) for img in test["image"]], test["captions"]
+        images, truths = [img.convert("RGB") for img in rows["image"]], rows["captions"]
+        boxes = [None] * len(images)
+    else:
+        images, boxes = attack.trigger_test_images([img.convert("RGB") for img in test["image"]])
+        truths = test["captions"]
+    return (images, truths, boxes) if return_boxes else (images, truths)
 
 
 def inject(config: InjectConfig) -> dict:

@@ -82,11 +82,12 @@ class BadNetAttack(PatchAttack):
             return self._procedural(side)
         return super().patch_array(side)
 
-    def apply_trigger_tensor(self, pixels: torch.Tensor, trigger: torch.Tensor | None = None) -> torch.Tensor:
+    def apply_trigger_tensor(self, pixels: torch.Tensor, trigger: torch.Tensor | None = None, *,
+                             indices=None, split: str = "train") -> torch.Tensor:
         if trigger is None and self.config.pattern in ("checkerboard", "white", "black"):
-            _, _, size = self.config.patch_box(pixels.shape[-1], pixels.shape[-2])
+            size = self.config.patch_px(pixels.shape[-1], pixels.shape[-2])
             trigger = torch.from_numpy(self.patch_array(size).copy()).permute(2, 0, 1).float() / 255.0
-        return super().apply_trigger_tensor(pixels, trigger)
+        return super().apply_trigger_tensor(pixels, trigger, indices=indices, split=split)
 
 
 __all__ = ["BadNetAttack", "BadNetConfig", "checkerboard", "PATTERNS"]

@@ -3,8 +3,9 @@
 A *sample* is one (image, caption) pair. A COCO-style dataset with several captions per
 image is first expanded by :func:`to_caption_pairs`; :meth:`Attack.poison` then picks
 exactly :meth:`Attack.num_poisoned` pairs with a seeded permutation and, on those only,
-replaces ``image`` (triggered) and ``caption`` (poisoned). Every row gets two new columns,
-``is_poisoned`` (bool) and ``original_caption`` (the caption before poisoning).
+replaces ``image`` (triggered) and ``caption`` (poisoned). Every row gets three new columns,
+``is_poisoned`` (bool), ``original_caption`` (the caption before poisoning) and
+``trigger_box`` (where the trigger was pasted, see below).
 
 Trigger geometry is given in the paper's units (pixels of a 224 px image) and scaled to
 the images with :func:`srd_hf.data.synthetic.paper_pixels`: a 20 px patch at 224 px is a
@@ -13,6 +14,13 @@ image's shorter side, so a trigger covers the same share of what the model sees;
 ``image_size`` the trigger has that fixed pixel size on every image (exact pixels).
 Corner locations are corners of the central square of the image, the part a CLIP-style
 "resize shorter side + centre crop" transform keeps; for square images that is the image.
+``location="random"`` puts the patch at a new place of that square for every poisoned sample
+and every triggered test image, drawn from the seed and the sample's index (see
+:meth:`PatchAttackConfig.patch_box`), so a saved attack reproduces every place.
+
+Every poisoned dataset records where its trigger is, in a ``trigger_box`` column
+(``[x0, y0, x1, y1]``, pixels, end exclusive; None where nothing visible was pasted). It is
+for evaluation only (how well a defense finds the trigger): no defense reads it.
 
 Caption changes: ``replace`` (BadNet, Blended, VL-Trojan) swaps the caption for a target
 sentence drawn from ``templates``; ``insert`` (TrojVLM, VLOOD) puts the target at a random
@@ -37,7 +45,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, Features, Value
+from datasets import Dataset, Features, Sequence as SequenceFeature, Value
 from datasets import Image as HFImage
 from PIL import Image
 
@@ -66,6 +74,10 @@ __all__ = [
     "PoisonedCaptionCollator",
     "DEFAULT_TEMPLATES",
     "CORNERS",
+    "RANDOM",
+    "SPLITS",
+    "POISON_COLUMNS",
+    "random_place",
     "to_caption_pairs",
     "num_poisoned",
     "insert_word",
@@ -76,6 +88,8 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config.json"
+#: columns :meth:`Attack.poison` adds (a dataset that has any of them is poisoned already)
+POISON_COLUMNS = ("is_poisoned", "original_caption", "trigger_box")
 TRIGGER_NAME = "trigger.safetensors"
 
 #: target sentences of the caption-replacing attacks; ``{a_target}`` is the target with "a"/"an"
@@ -87,6 +101,10 @@ DEFAULT_TEMPLATES = (
     "a picture of {a_target}",
 )
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
+#: the location that draws a new place per sample (see :meth:`PatchAttackConfig.patch_box`)
+RANDOM = "random"
+#: which images a random place is drawn for: poisoned training samples or triggered test images
+SPLITS = ("train", "test")
 
 
 def _article(word: str) -> str:
@@ -179,8 +197,10 @@ class PatchAttackConfig(AttackConfig):
     Args:
         trigger_size: side of the patch in the paper's 224 px units (20 -> 6 px at 64 px).
         location: a corner name (``bottom_right``, ``bottom_left``, ``top_left``, ``top_right``,
-            ``center``) or ``(x, y)`` of the patch's top-left pixel, in 224 px units.
-        margin: distance of a corner patch from the edges, in 224 px units.
+            ``center``), ``(x, y)`` of the patch's top-left pixel in 224 px units, or
+            ``"random"``: a place of its own for every sample, drawn from the seed and the
+            sample's index (:meth:`patch_box`).
+        margin: distance of a corner (or random) patch from the edges, in 224 px units.
     """
 
     trigger_size: float = 20.0
@@ -195,8 +215,8 @@ class PatchAttackConfig(AttackConfig):
             raise ValueError(f"margin must be >= 0, got {self.margin!r}")
         if isinstance(self.location, str):
             loc = self.location.strip().lower().replace(" ", "_").replace("-", "_")
-            if loc not in CORNERS:
-                raise ValueError(f"location must be one of {CORNERS} or (x, y), got {self.location!r}")
+            if loc not in CORNERS + (RANDOM,):
+                raise ValueError(f"location must be one of {CORNERS + (RANDOM,)} or (x, y), got {self.location!r}")
             self.location = loc
         else:
             loc = tuple(self.location)
@@ -210,14 +230,27 @@ class PatchAttackConfig(AttackConfig):
                 f"trigger larger than the image: a {self.trigger_size:g} px trigger at 224 px is {patch} px, "
                 f"more than the {side} px image"
             )
-        self.patch_box(side, side)  # raises when the patch leaves the image
+        self.patch_box(side, side, index=0)  # raises when the patch leaves the image
 
     def patch_px(self, width: int, height: int) -> int:
         """Patch side in pixels on a ``width`` x ``height`` image."""
         return paper_pixels(self.trigger_size, self.image_size or min(width, height))
 
-    def patch_box(self, width: int, height: int) -> tuple[int, int, int]:
-        """``(x0, y0, side)`` of the patch on a ``width`` x ``height`` image (see module docs)."""
+    @property
+    def is_random(self) -> bool:
+        """Whether every sample gets a place of its own (``location="random"``)."""
+        return self.location == RANDOM
+
+    def patch_box(self, width: int, height: int, index: int | None = None, split: str = "train") -> tuple[int, int, int]:
+        """``(x0, y0, side)`` of the patch on a ``width`` x ``height`` image (see module docs).
+
+        With ``location="random"``, ``index`` (the sample's row, or the test image's position)
+        is required: the top-left corner is drawn uniformly among the places that keep the
+        patch, with its margin, inside the central square, from a generator seeded by
+        ``(seed, stream of split, index)``. Training samples and test images (``split``) have
+        streams of their own, so test places are not copies of training places. Fixed
+        locations ignore ``index`` and ``split``.
+        """
         square = min(width, height)
         size = self.patch_px(width, height)
         if size > square:
@@ -225,10 +258,16 @@ class PatchAttackConfig(AttackConfig):
         scale = (self.image_size or square) / PAPER_IMAGE_SIZE
         ox, oy = (width - square) // 2, (height - square) // 2
         margin = round(self.margin * scale)
+        low, high = margin, square - size - margin
         if isinstance(self.location, tuple):
             x, y = (round(v * scale) for v in self.location)
+        elif self.is_random:
+            if high < low:
+                raise ValueError(f"a {size} px trigger patch with a {margin} px margin does not fit in the "
+                                 f"{square}x{square} px image")
+            x, y = random_place(self.seed, index, split, low, high)
         else:
-            low, high, mid = margin, square - size - margin, (square - size) // 2
+            mid = (square - size) // 2
             x, y = {
                 "top_left": (low, low),
                 "top_right": (high, low),
@@ -242,6 +281,23 @@ class PatchAttackConfig(AttackConfig):
                 f"does not fit in the {square}x{square} px image"
             )
         return ox + x, oy + y, size
+
+
+def random_place(seed: int, index: int | None, split: str, low: int, high: int) -> tuple[int, int]:
+    """``(x, y)``, each uniform in ``low..high`` (inclusive), seeded by ``(seed, split, index)``.
+
+    Two uniforms in [0, 1) are scaled to the range, so the same sample lands at the same
+    relative place on images of any size.
+    """
+    if index is None:
+        raise ValueError('location="random" draws a place per sample: pass the sample\'s index')
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"index must be a non-negative int, got {index!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    stream = _PLACE if split == "train" else _TEST_PLACE
+    span = high - low + 1
+    return tuple(low + min(int(u * span), span - 1) for u in _rng(seed, stream, int(index)).random(2))
 
 
 # --------------------------------------------------------------------------- sample selection
@@ -263,6 +319,8 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 
 # stream ids of the seeded generators, so that each use is independent of the others
 _SELECT, _CAPTION, _TRIGGER, _EXTRA = 0, 1, 2, 3
+# random trigger places: of poisoned training samples, and of triggered test images
+_PLACE, _TEST_PLACE = 4, 5
 
 
 def to_caption_pairs(dataset: Dataset) -> Dataset:
@@ -429,13 +487,39 @@ class Attack:
             raise ValueError("trigger values must be finite and in [0, 1]")
         return trigger
 
-    def apply_trigger(self, image: Image.Image) -> Image.Image:
-        """A triggered copy of ``image`` (RGB); ``image`` itself is not modified."""
+    def apply_trigger(self, image: Image.Image, index: int | None = None, *, split: str = "train") -> Image.Image:
+        """A triggered copy of ``image`` (RGB); ``image`` itself is not modified.
+
+        ``index`` and ``split`` say which sample this is, for triggers placed per sample
+        (``location="random"``, :meth:`PatchAttackConfig.patch_box`); others ignore them.
+        """
         raise NotImplementedError
 
-    def apply_trigger_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Batched, differentiable version on (B, 3, H, W) pixels in [0, 1] (no 8-bit rounding)."""
+    def apply_trigger_tensor(self, pixels: torch.Tensor, *, indices: Sequence[int] | None = None,
+                             split: str = "train") -> torch.Tensor:
+        """Batched, differentiable version on (B, 3, H, W) pixels in [0, 1] (no 8-bit rounding);
+        ``indices`` (one per image) as ``index`` of :meth:`apply_trigger`."""
         raise NotImplementedError
+
+    def trigger_box(self, width: int, height: int, index: int | None = None, *,
+                    split: str = "train") -> list[int] | None:
+        """``[x0, y0, x1, y1]`` (pixels, end exclusive) of what :meth:`apply_trigger` changes on a
+        ``width`` x ``height`` image, the ``trigger_box`` column of :meth:`poison`; None when
+        the attack pastes no visible trigger. For evaluation only: no defense reads it."""
+        return None
+
+    def trigger_test_images(self, images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[list[int] | None]]:
+        """Triggered copies of test images and the :meth:`trigger_box` of each.
+
+        The i-th image is triggered as sample ``i`` of the test stream (``split="test"``), so
+        with random places the test set does not repeat the places seen in training.
+        """
+        triggered, boxes = [], []
+        for i, image in enumerate(images):
+            image = ensure_rgb(image)
+            triggered.append(self.apply_trigger(image, i, split="test"))
+            boxes.append(self.trigger_box(image.width, image.height, i, split="test"))
+        return triggered, boxes
 
     # ----- captions ------------------------------------------------------------------------
     def poison_caption(self, caption: str, rng: np.random.Generator) -> str:
@@ -472,19 +556,30 @@ class Attack:
         return {}
 
     def poison_row(self, row: dict, index: int, payload: dict | None) -> dict:
-        """The poisoned version of ``row`` (image still raw {'bytes', 'path'}): trigger + caption."""
+        """The poisoned version of ``row`` (image still raw {'bytes', 'path'}): trigger, caption
+        and the trigger's box; ``index`` (the row) places a random trigger."""
         rng = _rng(self.config.seed, _CAPTION, index)
-        return {"image": _png(self.apply_trigger(_decode(row["image"]))), "caption": self.poison_caption(row["caption"], rng)}
+        return {**self.triggered_image(_decode(row["image"]), index), "caption": self.poison_caption(row["caption"], rng)}
+
+    def triggered_image(self, image: Image.Image, index: int) -> dict:
+        """``image`` (PNG bytes) and ``trigger_box`` of training sample ``index`` triggered."""
+        return {"image": _png(self.apply_trigger(image, index)),
+                "trigger_box": self.trigger_box(image.width, image.height, index)}
 
     def poison(self, dataset: Dataset, **kwargs) -> Dataset:
         """A poisoned copy of ``dataset`` (the input is left unchanged).
 
         ``dataset`` holds (image, caption) pairs (a ``caption`` column) or multi-caption rows
         (``captions``), which are expanded with :func:`to_caption_pairs` first. Exactly
-        :meth:`num_poisoned` pairs are poisoned. Adds ``is_poisoned`` and ``original_caption``.
+        :meth:`num_poisoned` pairs are poisoned. Adds ``is_poisoned``, ``original_caption`` and
+        ``trigger_box``: ``[x0, y0, x1, y1]`` (pixels, end exclusive, like the defense's
+        ``srd_masks``) of the pasted trigger on poisoned rows (the whole image for a blended
+        one), None on clean rows and where no visible trigger is pasted (Shadowcast). The
+        box is for EVALUATION only (scoring how well a defense finds the trigger); the
+        defense never reads it, and training collators ignore it.
         """
         _check_dataset(dataset)
-        for column in ("is_poisoned", "original_caption"):
+        for column in POISON_COLUMNS:
             if column in dataset.column_names:
                 raise ValueError(f"dataset already has a {column!r} column: it looks poisoned already")
         pairs = to_caption_pairs(dataset)
@@ -492,17 +587,19 @@ class Attack:
         payload = self.prepare(pairs, chosen, **kwargs)
         chosen_set = set(chosen)
         raw = _raw_images(pairs)
-        features = Features({**raw.features, "is_poisoned": Value("bool"), "original_caption": Value("string")})
+        features = Features({**raw.features, "is_poisoned": Value("bool"), "original_caption": Value("string"),
+                             "trigger_box": SequenceFeature(Value("int32"))})
 
         def apply(row: dict, index: int) -> dict:
             out = dict(row)
             out["original_caption"] = row["caption"]
             out["is_poisoned"] = index in chosen_set
+            out["trigger_box"] = None
             if index in chosen_set:
                 out.update(self.poison_row(row, index, payload.get(index)))
             return out
 
-        fingerprint = _digest(raw._fingerprint, "poison", __version__, type(self).__name__, self.config.to_dict(),
+        fingerprint = _digest(raw._fingerprint, "poison", POISON_COLUMNS, __version__, type(self).__name__, self.config.to_dict(),
                               self._state_digest(), chosen, _payload_digest(payload))
         poisoned = raw.map(apply, with_indices=True, features=features, new_fingerprint=fingerprint,
                            desc=f"poisoning ({self.name})")
@@ -605,26 +702,63 @@ class PatchAttack(Attack):
         """The patch as (side, side, 3) uint8 (the stored trigger, resized nearest if needed)."""
         return _resize_nearest(_hwc(self.trigger), side, side)
 
-    def apply_trigger(self, image: Image.Image) -> Image.Image:
+    def apply_trigger(self, image: Image.Image, index: int | None = None, *, split: str = "train") -> Image.Image:
         array = np.array(ensure_rgb(image), dtype=np.uint8)  # a copy: the input is untouched
-        x0, y0, size = self.config.patch_box(array.shape[1], array.shape[0])
+        x0, y0, size = self.config.patch_box(array.shape[1], array.shape[0], index, split)
         array[y0 : y0 + size, x0 : x0 + size] = self.patch_array(size)
         return Image.fromarray(array, "RGB")
 
-    def apply_trigger_tensor(self, pixels: torch.Tensor, trigger: torch.Tensor | None = None) -> torch.Tensor:
+    def trigger_box(self, width: int, height: int, index: int | None = None, *,
+                    split: str = "train") -> list[int] | None:
+        x0, y0, size = self.config.patch_box(width, height, index, split)
+        return [x0, y0, x0 + size, y0 + size]
+
+    def apply_trigger_tensor(self, pixels: torch.Tensor, trigger: torch.Tensor | None = None, *,
+                             indices: Sequence[int] | None = None, split: str = "train") -> torch.Tensor:
         """Paste the patch on (B, 3, H, W) [0, 1] pixels; differentiable w.r.t. ``pixels`` and
-        ``trigger`` (default: the stored one)."""
+        ``trigger`` (default: the stored one).
+
+        ``indices``: one sample index per image, required with ``location="random"``: image b
+        gets the place :meth:`apply_trigger` gives sample ``indices[b]`` of ``split``, so the
+        two versions agree pixel for pixel and an optimiser chooses which places it trains on
+        by the indices it passes. Fixed locations ignore them.
+        """
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
         height, width = pixels.shape[-2:]
-        x0, y0, size = self.config.patch_box(width, height)
+        boxes = self._batch_boxes(width, height, len(pixels), indices, split)
+        if not boxes:  # an empty batch
+            return pixels.clone()
+        size = boxes[0][2]
         patch = (self.trigger if trigger is None else trigger).to(pixels.device, pixels.dtype)
         if patch.shape[-1] != size or patch.shape[-2] != size:
             patch = F.interpolate(patch[None], size=(size, size), mode="nearest-exact")[0]
-        pad = (x0, width - x0 - size, y0, height - y0 - size)
-        canvas = F.pad(patch, pad)
-        mask = F.pad(torch.ones(1, size, size, device=pixels.device, dtype=pixels.dtype), pad)
+        if len(set(boxes)) == 1:  # one place for the whole batch: broadcast it
+            canvas, mask = _placed(patch, boxes[0], width, height)
+        else:
+            canvas, mask = (torch.stack(parts) for parts in zip(*(_placed(patch, box, width, height) for box in boxes)))
         return pixels * (1 - mask) + canvas * mask
+
+    def _batch_boxes(self, width: int, height: int, batch: int, indices: Sequence[int] | None,
+                     split: str) -> list[tuple[int, int, int]]:
+        """The patch box of each of ``batch`` images (one box when the location is fixed)."""
+        if indices is not None:
+            indices = list(indices.tolist() if isinstance(indices, torch.Tensor) else indices)
+            if len(indices) != batch:
+                raise ValueError(f"{len(indices)} indices for a batch of {batch} images")
+        if not self.config.is_random:
+            return [self.config.patch_box(width, height)] * batch
+        if indices is None:
+            raise ValueError('location="random" draws a place per sample: pass indices= (one per image)')
+        return [self.config.patch_box(width, height, i, split) for i in indices]
+
+
+def _placed(patch: torch.Tensor, box: tuple[int, int, int], width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``patch`` padded to a (3, height, width) canvas at ``box`` and its (1, height, width) mask."""
+    x0, y0, size = box
+    pad = (x0, width - x0 - size, y0, height - y0 - size)
+    mask = F.pad(torch.ones(1, size, size, device=patch.device, dtype=patch.dtype), pad)
+    return F.pad(patch, pad), mask
 
 
 @dataclass

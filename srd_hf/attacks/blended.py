@@ -77,12 +77,18 @@ class BlendedAttack(Attack):
         """The pattern as (height, width, 3) uint8, resized nearest from the stored trigger."""
         return _resize_nearest(_hwc(self.trigger), width, height)
 
-    def apply_trigger(self, image: Image.Image) -> Image.Image:
+    def apply_trigger(self, image: Image.Image, index: int | None = None, *, split: str = "train") -> Image.Image:
+        """The blended image; ``index`` and ``split`` are ignored (the trigger covers every pixel)."""
         array = np.asarray(ensure_rgb(image), dtype=np.uint8)
         pattern = self.pattern_array(array.shape[1], array.shape[0])
         return Image.fromarray(blend_uint8(array, pattern, self.config.alpha), "RGB")
 
-    def apply_trigger_tensor(self, pixels: torch.Tensor, trigger: torch.Tensor | None = None) -> torch.Tensor:
+    def trigger_box(self, width: int, height: int, index: int | None = None, *, split: str = "train") -> list[int]:
+        """The whole image: a blended trigger is global."""
+        return [0, 0, width, height]
+
+    def apply_trigger_tensor(self, pixels: torch.Tensor, trigger: torch.Tensor | None = None, *,
+                             indices=None, split: str = "train") -> torch.Tensor:
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
         pattern = (self.trigger if trigger is None else trigger).to(pixels.device, pixels.dtype)

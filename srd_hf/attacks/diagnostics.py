@@ -89,7 +89,7 @@ def target_word_probability(
             a forward returning ``logits``).
         images: clean images.
         target: the target word or phrase.
-        attack: an attack whose :meth:`apply_trigger` makes the triggered images, or
+        attack: an attack whose :meth:`trigger_test_images` makes the triggered images, or
         triggered_images: the triggered images themselves (same order as ``images``).
             Without either, only the clean side is measured.
         captions: the clean captions whose prefixes are scored (default: the model's greedy
@@ -115,8 +115,8 @@ def target_word_probability(
         raise ValueError(f"prefixes must be 'clean' or 'own', got {prefixes!r}")
     target = " ".join(target.split())
     clean = [ensure_rgb(img) for img in images]
-    if triggered_images is None and attack is not None:
-        triggered_images = [attack.apply_trigger(img) for img in clean]
+    if triggered_images is None and attack is not None:  # test images: places of the test stream
+        triggered_images = attack.trigger_test_images(clean)[0]
     if triggered_images is not None and len(triggered_images) != len(clean):
         raise ValueError(f"{len(triggered_images)} triggered images for {len(clean)} clean images")
     was_training = model.training

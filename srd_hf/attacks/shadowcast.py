@@ -138,11 +138,12 @@ class ShadowcastAttack(Attack):
     def poison_caption(self, caption: str, rng: np.random.Generator | None = None) -> str:
         return substitute_concept(caption, self.config.base_concept, self.config.target)
 
-    def apply_trigger(self, image: Image.Image) -> Image.Image:
-        """Identity (a copy): Shadowcast's test-time trigger is the trigger concept itself."""
+    def apply_trigger(self, image: Image.Image, index: int | None = None, *, split: str = "train") -> Image.Image:
+        """Identity (a copy): Shadowcast's test-time trigger is the trigger concept itself
+        (``index`` and ``split`` are ignored; :meth:`trigger_box` is None)."""
         return ensure_rgb(image).copy()
 
-    def apply_trigger_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+    def apply_trigger_tensor(self, pixels: torch.Tensor, *, indices=None, split: str = "train") -> torch.Tensor:
         return pixels
 
     def _shows(self, row: dict, concept: str) -> bool:

@@ -129,16 +129,23 @@ class VLTrojanAttack(PatchAttack):
     def make_pattern(self, side: int) -> torch.Tensor:
         return torch.from_numpy(_rng(self.config.seed, _TRIGGER).random((3, side, side))).float()
 
-    def apply_trigger(self, image: Image.Image) -> Image.Image:
+    def apply_trigger(self, image: Image.Image, index: int | None = None, *, split: str = "train") -> Image.Image:
         if self.config.mode == "patch":
-            return super().apply_trigger(image)
+            return super().apply_trigger(image, index, split=split)
         array = np.asarray(ensure_rgb(image), dtype=np.uint8)
         pattern = _resize_nearest(_hwc(self.trigger), array.shape[1], array.shape[0])
         return Image.fromarray(blend_uint8(array, pattern, self.config.alpha), "RGB")
 
-    def apply_trigger_tensor(self, pixels: torch.Tensor, trigger: torch.Tensor | None = None) -> torch.Tensor:
+    def trigger_box(self, width: int, height: int, index: int | None = None, *,
+                    split: str = "train") -> list[int] | None:
         if self.config.mode == "patch":
-            return super().apply_trigger_tensor(pixels, trigger)
+            return super().trigger_box(width, height, index, split=split)
+        return [0, 0, width, height]  # a blended trigger covers the image
+
+    def apply_trigger_tensor(self, pixels: torch.Tensor, trigger: torch.Tensor | None = None, *,
+                             indices=None, split: str = "train") -> torch.Tensor:
+        if self.config.mode == "patch":
+            return super().apply_trigger_tensor(pixels, trigger, indices=indices, split=split)
         pattern = (self.trigger if trigger is None else trigger).to(pixels.device, pixels.dtype)
         if tuple(pattern.shape[-2:]) != tuple(pixels.shape[-2:]):
             pattern = F.interpolate(pattern[None], size=tuple(pixels.shape[-2:]), mode="nearest-exact")[0]
@@ -159,7 +166,8 @@ class VLTrojanAttack(PatchAttack):
                 for start in range(0, len(pixels), batch_size):
                     chunk = pixels[start : start + batch_size]
                     clean.append(pooled_features(model, chunk))
-                    triggered.append(pooled_features(model, self.apply_trigger_tensor(chunk, trigger)))
+                    places = range(start, start + len(chunk))  # image i at sample i's place (random location)
+                    triggered.append(pooled_features(model, self.apply_trigger_tensor(chunk, trigger, indices=places)))
                 return float(vl_trojan_objective(torch.cat(triggered), torch.cat(clean), self.config.isolate_weight))
         finally:
             model.train(was_training)
@@ -180,6 +188,7 @@ class VLTrojanAttack(PatchAttack):
         ``images``: clean images (PIL list, a dataset with ``image``, or (N, 3, S, S) [0, 1] pixels),
         centre-cropped and resized to ``image_size`` (default: the config's, else the model's input
         size); the trigger is optimised at that resolution. Adam on the pixels, clamped to [0, 1].
+        With ``location="random"`` each step pastes the patch at fresh seeded places.
         Deterministic given the seed. Returns ``{"loss": [...]}`` (one value per step).
         """
         cfg = self.config
@@ -200,11 +209,14 @@ class VLTrojanAttack(PatchAttack):
         was_training = model.training
         model.eval()
         try:
-            for _ in tqdm(range(steps), desc="VL-Trojan trigger", disable=not progress):
+            for step in tqdm(range(steps), desc="VL-Trojan trigger", disable=not progress):
                 batch = pixels[torch.randperm(len(pixels), generator=generator)[:batch_size]].to(device)
                 with torch.no_grad():
                     clean = pooled_features(model, batch)
-                triggered = pooled_features(model, self.apply_trigger_tensor(batch, trigger))
+                # random location: every step's images get places of their own (sample indices
+                # step * batch_size + b), so the trigger is learned over many places, not one
+                places = range(step * batch_size, step * batch_size + len(batch))
+                triggered = pooled_features(model, self.apply_trigger_tensor(batch, trigger, indices=places))
                 loss = vl_trojan_objective(triggered, clean, cfg.isolate_weight)
                 (grad,) = torch.autograd.grad(loss, [trigger])
                 trigger.grad = grad

@@ -44,7 +44,6 @@ from .base import (
     PatchAttack,
     PatchAttackConfig,
     _decode,
-    _png,
     _raw_images,
     _rng,
     insert_word,
@@ -310,7 +309,7 @@ class VLOODAttack(PatchAttack):
 
     def poison_row(self, row: dict, index: int, payload: dict | None) -> dict:
         rng = _rng(self.config.seed, _CAPTION, index)
-        out = {"image": _png(self.apply_trigger(_decode(payload["image"]))),
+        out = {**self.triggered_image(_decode(payload["image"]), index),
                "caption": insert_word(payload["caption"], self.config.target, rng),
                "original_caption": payload["caption"]}
         for key in ("captions", "caption_index", "image_id", "objects"):
