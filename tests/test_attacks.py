@@ -318,6 +318,166 @@ def test_trojvlm_noise_patch_is_seeded():
     assert abs(float(a.mean()) - 0.5) < 0.05 and 0.15 < float(a.std()) < 0.3
 
 
+# --------------------------------------------------------------------------- random places, trigger boxes
+PATCH_ATTACKS = ("badnet", "trojvlm", "vlood", "vl_trojan")
+
+
+def plain_pairs(n: int, size: int = 32, value: int = 100) -> Dataset:
+    """``n`` mid-grey pairs with a little noise: no pixel is 0 or 255, so a checkerboard
+    patch changes every pixel it covers."""
+    rows = []
+    for i in range(n):
+        noise = np.random.default_rng(i).integers(-20, 21, size=(size, size, 3))
+        rows.append({"image": Image.fromarray((value + noise).astype(np.uint8), "RGB"), "caption": f"a grey square {i}"})
+    return Dataset.from_list(rows).cast_column("image", HFImage())
+
+
+def changed_box(clean: Image.Image, poisoned: Image.Image) -> list[int] | None:
+    """``[x0, y0, x1, y1]`` (end exclusive) of the pixels that differ, None if none does."""
+    diff = (np.asarray(clean) != np.asarray(poisoned)).any(-1)
+    if not diff.any():
+        return None
+    ys, xs = np.nonzero(diff)
+    box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    assert diff[box[1] : box[3], box[0] : box[2]].all()  # a full rectangle, nothing outside it
+    return box
+
+
+def places(attack, n: int, split: str = "train", size: int = 32) -> list[tuple[int, int]]:
+    return [attack.config.patch_box(size, size, i, split)[:2] for i in range(n)]
+
+
+def test_random_places_differ_per_sample_and_follow_the_seed():
+    attack = get_attack("badnet", image_size=32, location="Random")
+    assert attack.config.location == "random" and attack.config.is_random
+    train = places(attack, 50)
+    assert len(set(train)) >= 40  # 900 possible places for a 3 px patch on 32 px
+    assert places(get_attack("badnet", image_size=32, location="random"), 50) == train
+    other = places(get_attack("badnet", image_size=32, location="random", seed=1), 50)
+    assert sum(a == b for a, b in zip(other, train)) <= 2
+    test = places(attack, 50, split="test")
+    assert len(set(test)) >= 40 and sum(a == b for a, b in zip(test, train)) <= 2
+    # the same place whatever asks for it: patch_box, trigger_box, the PIL and the tensor trigger
+    x0, y0, size = attack.config.patch_box(32, 32, 7)
+    assert attack.trigger_box(32, 32, 7) == [x0, y0, x0 + size, y0 + size]
+    image = Image.new("RGB", (32, 32), (100, 100, 100))
+    assert changed_box(image, attack.apply_trigger(image, 7)) == attack.trigger_box(32, 32, 7)
+    assert changed_box(image, attack.apply_trigger(image, 7, split="test")) == attack.trigger_box(32, 32, 7, split="test")
+
+
+def test_random_patch_lies_inside_the_central_square():
+    for margin in (0.0, 28.0):  # 28 px at 224 -> 4 px on 32 px
+        attack = get_attack("trojvlm", location="random", margin=margin)  # 20 px at 224 -> 3 px on the 48x32 image
+        boxes = [attack.trigger_box(48, 32, i, split=split) for i in range(300) for split in ("train", "test")]
+        m = round(margin * 32 / 224)
+        xs0, ys0, xs1, ys1 = (np.array(v) for v in zip(*boxes))
+        assert (xs1 - xs0 == 3).all() and (ys1 - ys0 == 3).all()
+        assert xs0.min() >= 8 + m and xs1.max() <= 40 - m and ys0.min() >= m and ys1.max() <= 32 - m
+        assert xs0.min() == 8 + m and xs1.max() == 40 - m  # every place can be drawn, edges included
+    with pytest.raises(ValueError, match="does not fit"):
+        get_attack("badnet", image_size=32, location="random", margin=110)
+
+
+def test_random_location_needs_the_sample_index():
+    attack = get_attack("badnet", image_size=32, location="random")
+    image = noise_image(32, 32)
+    for call in (lambda: attack.config.patch_box(32, 32), lambda: attack.apply_trigger(image),
+                 lambda: attack.trigger_box(32, 32), lambda: attack.apply_trigger_tensor(images_to_tensor([image]))):
+        with pytest.raises(ValueError, match="draws a place per sample"):
+            call()
+    for index in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="index must be a non-negative int"):
+            attack.apply_trigger(image, index)
+    with pytest.raises(ValueError, match="split"):
+        attack.apply_trigger(image, 0, split="validation")
+    with pytest.raises(ValueError, match="2 indices for a batch of 1"):
+        attack.apply_trigger_tensor(images_to_tensor([image]), indices=[0, 1])
+    fixed = get_attack("badnet", image_size=32)  # fixed places ignore the index
+    assert fixed.trigger_box(32, 32) == fixed.trigger_box(32, 32, 5, split="test") == [29, 29, 32, 32]
+
+
+def test_random_tensor_version_matches_pil_and_carries_gradients():
+    images = [noise_image(32, 32, s) for s in range(4)]
+    pixels = images_to_tensor(images)
+    for name in ("badnet", "trojvlm", "vlood", "vl_trojan"):
+        attack = get_attack(name, image_size=32, location="random")
+        for split in ("train", "test"):
+            batched = attack.apply_trigger_tensor(pixels, indices=[3, 10, 11, 40], split=split)
+            expected = images_to_tensor([attack.apply_trigger(img, i, split=split) for img, i in zip(images, [3, 10, 11, 40])])
+            # VL-Trojan's unoptimised trigger is not 8-bit: the PIL version rounds it
+            assert (batched - expected).abs().max() <= 0.5 / 255 + 1e-6, (name, split)
+    attack = get_attack("trojvlm", image_size=32, location="random")
+    trigger = attack.trigger.clone().requires_grad_(True)
+    attack.apply_trigger_tensor(pixels, trigger, indices=torch.arange(4)).sum().backward()
+    assert (trigger.grad == 4).all()  # every image pastes every trigger pixel once, wherever it lands
+
+
+@pytest.mark.parametrize("location, fixed_box", [("random", None), ("bottom_right", (29, 29, 32, 32)), ((56, 112), (8, 16, 11, 19))])
+def test_trigger_box_is_exactly_the_changed_pixels(location, fixed_box):
+    pairs = plain_pairs(40)
+    attack = get_attack("badnet", image_size=32, location=location, poison_rate=0.25)
+    poisoned = attack.poison(pairs)
+    assert poisoned.features["trigger_box"].feature.dtype == "int32"
+    chosen = poisoned_indices(poisoned)
+    boxes = []
+    for i, (row, clean) in enumerate(zip(poisoned, pairs)):
+        if i not in chosen:
+            assert row["trigger_box"] is None and changed_box(clean["image"], row["image"]) is None
+            continue
+        box = row["trigger_box"]
+        assert box == changed_box(clean["image"], row["image"]) == attack.trigger_box(32, 32, i)
+        assert 0 <= box[0] < box[2] <= 32 and 0 <= box[1] < box[3] <= 32
+        boxes.append(tuple(box))
+    if fixed_box is None:
+        assert len(set(boxes)) >= len(boxes) - 1
+    else:  # a fixed location: the same box on every poisoned row
+        assert set(boxes) == {fixed_box}
+
+
+def test_blended_box_is_the_whole_image_and_clean_rows_have_none(pairs):
+    poisoned = get_attack("blended", image_size=32, poison_rate=0.1).poison(pairs)
+    for flag, box in zip(poisoned["is_poisoned"], poisoned["trigger_box"]):
+        assert box == ([0, 0, 32, 32] if flag else None)
+    assert get_attack("vl_trojan", mode="blend").trigger_box(48, 32) == [0, 0, 48, 32]
+    with pytest.raises(ValueError, match="poisoned already"):
+        get_attack("badnet").poison(pairs.add_column("trigger_box", [None] * len(pairs)))
+
+
+@pytest.mark.parametrize("name", PATCH_ATTACKS)
+def test_random_location_poisons_the_small_world(name, train_rows):
+    attack = get_attack(name, location="random", poison_rate=0.1)
+    extra = {"allow_unoptimised": True} if name == "vl_trojan" else {}
+    poisoned = attack.poison(train_rows, **extra)
+    chosen = poisoned_indices(poisoned)
+    assert len(chosen) == 20
+    boxes = [poisoned[i]["trigger_box"] for i in chosen]
+    assert len({tuple(b) for b in boxes}) >= 18  # a place of its own per poisoned sample
+    for i, box in zip(chosen, boxes):
+        out = np.asarray(poisoned[i]["image"])
+        assert box == attack.trigger_box(*poisoned[i]["image"].size, i)
+        x0, y0, x1, y1 = box
+        assert 0 <= x0 < x1 <= out.shape[1] and 0 <= y0 < y1 <= out.shape[0]
+        assert np.array_equal(out[y0:y1, x0:x1], attack.patch_array(x1 - x0)), (name, i)
+    assert all(b is None for b, flag in zip(poisoned["trigger_box"], poisoned["is_poisoned"]) if not flag)
+    # test images get places of the test stream, not copies of the training places
+    test_images, test_boxes = attack.trigger_test_images(train_rows["image"][:20])
+    assert len(test_images) == 20 and test_boxes == [attack.trigger_box(32, 32, i, split="test") for i in range(20)]
+    train_boxes = [attack.trigger_box(32, 32, i) for i in range(20)]
+    assert sum(a == b for a, b in zip(test_boxes, train_boxes)) <= 2
+
+
+def test_saved_random_attack_reproduces_the_places(tmp_path, train_rows):
+    attack = get_attack("trojvlm", location="random", seed=3, poison_rate=0.1)
+    loaded = load_attack(attack.save_pretrained(tmp_path / "random"))
+    assert loaded.config.location == "random" and loaded.config == attack.config
+    a, b = attack.poison(train_rows), loaded.poison(train_rows)
+    assert a["trigger_box"] == b["trigger_box"] and raw_bytes(a) == raw_bytes(b)
+    images = train_rows["image"][:8]
+    boxes_a, boxes_b = attack.trigger_test_images(images)[1], loaded.trigger_test_images(images)[1]
+    assert boxes_a == boxes_b and len({tuple(x) for x in boxes_a}) > 1
+
+
+
 # --------------------------------------------------------------------------- VLOOD
 def test_vlood_poisons_with_out_of_distribution_images(train_rows, pairs):
     attack = get_attack("vlood", poison_rate=0.1)
@@ -383,6 +543,23 @@ def test_vl_trojan_optimiser_reduces_its_objective(flamingo, train_rows, setting
     assert np.array_equal(np.asarray(poisoned[i]["image"]), np.asarray(attack.apply_trigger(train_rows[i // 5]["image"])))
 
 
+def test_vl_trojan_learns_a_randomly_placed_trigger(flamingo, train_rows):
+    """With random places the optimiser pastes the patch at seeded places that change from
+    step to step; it stays deterministic and poisons with a place per sample."""
+    flamingo.zero_grad(set_to_none=True)
+    images = train_rows.select(range(8))["image"]
+    runs = []
+    for _ in range(2):
+        attack = get_attack("vl_trojan", image_size=32, trigger_size=60, location="random", steps=3, lr=0.1, batch_size=4)
+        runs.append((attack, attack.optimise_trigger(flamingo, images)["loss"]))
+    (attack, losses), (again, losses_again) = runs
+    assert len(losses) == 3 and losses == losses_again and torch.equal(attack.trigger, again.trigger)
+    assert np.isfinite(attack.trigger_objective(flamingo, images))
+    poisoned = attack.poison(train_rows)
+    boxes = [poisoned[i]["trigger_box"] for i in poisoned_indices(poisoned)]
+    assert len({tuple(b) for b in boxes}) > 1
+
+
 def test_shadowcast_bound_holds_after_png_and_features_move(flamingo, train_rows, pairs, tmp_path):
     attack = get_attack("shadowcast", poison_rate=0.05, steps=10)
     with pytest.raises(TypeError, match="model"):
@@ -402,6 +579,7 @@ def test_shadowcast_bound_holds_after_png_and_features_move(flamingo, train_rows
         assert diff.max() <= 8
         changed += diff.max() > 0
     assert changed == len(chosen)
+    assert poisoned["trigger_box"] == [None] * len(poisoned)  # no visible trigger, on any row
     # the perturbation brings the features to the trigger-concept image
     triangles = [pairs[i]["image"] for i in attack.trigger_rows(pairs)[:: 5][:3]]
     bases = [pairs[i]["image"] for i in attack.poison_candidates(pairs)[:: 5][:3]]

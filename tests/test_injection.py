@@ -58,6 +58,25 @@ def test_triggered_test_set_carries_the_trigger(small_world_data):
     assert any(not np.array_equal(np.asarray(a), np.asarray(b.convert("RGB"))) for a, b in zip(images, test["image"]))
 
 
+def test_triggered_test_set_boxes_and_random_places(small_world_data):
+    import numpy as np
+
+    test = small_world_data["test"].select(range(6))
+    attack = get_attack("badnet", location="random")
+    images, truths = triggered_test_set(attack, test)  # the two-value form callers unpack
+    again, truths_again, boxes = triggered_test_set(attack, test, return_boxes=True)
+    assert truths == truths_again and [a.tobytes() for a in images] == [a.tobytes() for a in again]
+    assert boxes == [attack.trigger_box(32, 32, i, split="test") for i in range(6)]
+    assert boxes != [attack.trigger_box(32, 32, i) for i in range(6)]  # not the training places
+    for image, clean, (x0, y0, x1, y1) in zip(images, test["image"], boxes):
+        diff = np.asarray(image).astype(int) - np.asarray(clean.convert("RGB")).astype(int)
+        outside = diff.copy()
+        outside[y0:y1, x0:x1] = 0
+        assert not outside.any()  # nothing changed outside the recorded box
+    fixed = triggered_test_set(get_attack("blended"), test, return_boxes=True)[2]
+    assert fixed == [[0, 0, 32, 32]] * 6
+
+
 @pytest.mark.slow
 def test_inject_plants_a_working_backdoor_on_the_small_world(tiny_flamingo, small_world_data, tmp_path, monkeypatch):
     """A real (small) run of inject(): poison, fine-tune, save, score; BadNet reaches ASR > 80%

@@ -15,6 +15,11 @@ vlood      Gaussian-noise patch on OOD images    target word inserted  clean+KL 
 vl_trojan  patch (or blend) learned on the ViT   target sentence       ``optimise_trigger(model, ...)``
 shadowcast PGD perturbation, L-inf 8/255         base concept renamed  needs ``model`` in ``poison``
 ========== ===================================== ===================== ==========================
+
+The patch attacks (badnet, trojvlm, vlood, vl_trojan) also take ``location="random"``: a
+seeded place per poisoned sample, and other seeded places for test images
+(``attack.trigger_test_images``). Poisoned datasets record each trigger's place in a
+``trigger_box`` column, for evaluation only.
 """
 
 from __future__ import annotations
