@@ -86,7 +86,18 @@ def _build_wheel(tmp: Path) -> Path:
     return wheel
 
 
+def _backend_is_recent_enough() -> bool:
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    major = int(setuptools.__version__.split(".")[0])
+    return major >= 77  # the SPDX ``license`` string of pyproject.toml
+
+
 def test_wheel_ships_cards_and_metric_modules(tmp_path):
+    if not _backend_is_recent_enough():
+        pytest.skip("building the wheel offline needs setuptools>=77 here (pip install -e '.[dev]')")
     wheel = _build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     from srd_hf.cards import CARD_TEMPLATES
