@@ -21,6 +21,7 @@ from transformers import Trainer, TrainingArguments
 from .attacks import get_attack, load_attack
 from .attacks.base import PoisonedCaptionCollator, to_caption_pairs
 from .cards import load_card_template
+from .data.images import ensure_rgb
 from .data.synthetic import WorldConfig
 from .evaluation import evaluate_model
 from .metrics import SFSScorer
@@ -136,8 +137,8 @@ def triggered_test_set(attack, test: Dataset):
     """Triggered images (and their ground truth) on which ASR is measured."""
     if hasattr(attack, "trigger_rows"):  # Shadowcast: clean images of the trigger concept
         rows = test.select(attack.trigger_rows(test))
-        return [img.convert("RGB") for img in rows["image"]], rows["captions"]
-    return [attack.apply_trigger(img.convert("RGB")) for img in test["image"]], test["captions"]
+        return [ensure_rgb(img) for img in rows["image"]], rows["captions"]
+    return [attack.apply_trigger(ensure_rgb(img)) for img in test["image"]], test["captions"]
 
 
 def inject(config: InjectConfig) -> dict:
@@ -173,7 +174,7 @@ def inject(config: InjectConfig) -> dict:
     # and the clean baseline of the scores
     clean = copy.deepcopy(victim).requires_grad_(False).eval()
     scorer = SFSScorer().load()
-    references = clean.generate_captions([img.convert("RGB") for img in test["image"]], max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
+    references = clean.generate_captions([ensure_rgb(img) for img in test["image"]], max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
     loss_kwargs = {"teacher": clean} if config.attack == "vlood" else {}
     model = victim
     counts = model.set_trainable(parse_trainable(config.trainable))
