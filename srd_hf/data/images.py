@@ -150,12 +150,18 @@ def probe_image_bytes(data: bytes, name: PathLike = "<bytes>") -> Image.Image:
         return Image.open(io.BytesIO(data))
 
 
-def decode_image_bytes(data: bytes, name: PathLike = "<bytes>") -> Image.Image:
+def decode_image_bytes(
+    data: bytes, name: PathLike = "<bytes>", draft_size: tuple[int, int] | None = None
+) -> Image.Image:
     """The image in ``data``, checked and fully decoded, in its own mode.
 
     :meth:`PIL.Image.Image.verify` checks the chunk checksums where the format has them and
     ``load()`` decodes every pixel, so a truncated or damaged image fails here instead of in
     the middle of training. Raises :class:`BadImageError` naming ``name`` and the reason.
+
+    ``draft_size``: a JPEG is decoded at the smallest of its built-in scales (1/2, 1/4, 1/8)
+    that still covers this size, which makes checking or shrinking a huge photo cheap; every
+    byte is still read, so truncation is still caught. Other formats ignore it.
     """
     if not data:
         raise BadImageError(name, "empty file", "0 bytes")
@@ -164,6 +170,8 @@ def decode_image_bytes(data: bytes, name: PathLike = "<bytes>") -> Image.Image:
         with Image.open(io.BytesIO(data)) as probe:
             probe.verify()
         image = Image.open(io.BytesIO(data))
+        if draft_size is not None and image.format == "JPEG":
+            image.draft(None, draft_size)
         image.load()
     return image
 
