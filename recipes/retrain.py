@@ -2,7 +2,7 @@
 
     accelerate launch --config_file accelerate_config.yaml --num_cpu_threads_per_process $(nproc) recipes/retrain.py
     python recipes/retrain.py --attack trojvlm
-    python recipes/retrain.py --config recipes/configs/srd_badnet.yaml --retrain_from pre_attack
+    python recipes/retrain.py --config my_srd.yaml --retrain_from pre_attack     # a YAML file of SRDConfig keys
 
 With no arguments, on the embedded world: pretrain the clean model (outputs/clean), plant
 BadNet at 10% (outputs/backdoor/badnet-0.1), train a DQN masking policy against the

@@ -1,16 +1,27 @@
-"""Card templates live in the repository's ``hub_cards/`` folder (one place to edit them)."""
+"""Card templates ship inside the package (``srd_hf/hub_cards/``), one place to edit them.
+
+They are read with :mod:`importlib.resources` rather than a path next to the source tree, so a
+plain ``pip install`` (wheel, not editable) writes the same cards after training as a clone.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import resources
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "hub_cards"
+#: the card templates shipped with the package
+CARD_TEMPLATES = ("backdoored_model.md", "clean_model.md", "srd_policy.md")
+
+
+def _cards_dir():
+    return resources.files("srd_hf") / "hub_cards"
 
 
 def load_card_template(name: str) -> str:
-    path = CARDS_DIR / name
+    """The text of the card template ``name`` (a ``str.format`` template)."""
+    path = _cards_dir() / name
     if not path.is_file():
         raise FileNotFoundError(
-            f"card template {name!r} not found in {CARDS_DIR}; install srd-hf from its source tree (pip install -e .)"
+            f"card template {name!r} is not in the installed srd_hf package (srd_hf/hub_cards/); "
+            f"shipped templates: {list(CARD_TEMPLATES)}"
         )
-    return path.read_text()
+    return path.read_text(encoding="utf-8")

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from .data.images import ensure_rgb
 from .data.synthetic import object_accuracy
 from .metrics import SFSScorer, attack_success_rate, caption_scores
 from .vlm.base import CaptioningVLM
@@ -45,7 +46,7 @@ def evaluate_model(
     model's captions of the clean test images when already computed (the reference captioner's
     own captions are its references), so they are not generated twice.
     """
-    images = [img.convert("RGB") for img in test["image"]]
+    images = [ensure_rgb(img) for img in test["image"]]
     if len(reference_captions) != len(images):
         raise ValueError(f"{len(reference_captions)} reference captions for {len(images)} test images")
     if predictions is None:

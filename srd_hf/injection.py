@@ -21,6 +21,7 @@ from transformers import Trainer, TrainingArguments
 from .attacks import get_attack, load_attack
 from .attacks.base import PoisonedCaptionCollator, to_caption_pairs
 from .cards import load_card_template
+from .data.images import ensure_rgb
 from .data.synthetic import WorldConfig
 from .evaluation import evaluate_model
 from .metrics import SFSScorer
@@ -143,10 +144,10 @@ def triggered_test_set(attack, test: Dataset, *, return_boxes: bool = False):
     """
     if hasattr(attack, "trigger_rows"):  # Shadowcast: clean images of the trigger concept
         rows = test.select(attack.trigger_rows(test))
-        images, truths = [img.convert("RGB") for img in rows["image"]], rows["captions"]
+        images, truths = [ensure_rgb(img) for img in rows["image"]], rows["captions"]
         boxes = [None] * len(images)
     else:
-        images, boxes = attack.trigger_test_images([img.convert("RGB") for img in test["image"]])
+        images, boxes = attack.trigger_test_images([ensure_rgb(img) for img in test["image"]])
         truths = test["captions"]
     return (images, truths, boxes) if return_boxes else (images, truths)
 
@@ -184,7 +185,7 @@ def inject(config: InjectConfig) -> dict:
     # and the clean baseline of the scores
     clean = copy.deepcopy(victim).requires_grad_(False).eval()
     scorer = SFSScorer().load()
-    references = clean.generate_captions([img.convert("RGB") for img in test["image"]], max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
+    references = clean.generate_captions([ensure_rgb(img) for img in test["image"]], max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
     loss_kwargs = {"teacher": clean} if config.attack == "vlood" else {}
     model = victim
     counts = model.set_trainable(parse_trainable(config.trainable))

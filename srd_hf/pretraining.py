@@ -34,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .cards import load_card_template
 from .evaluation import caption_quality
+from .data.images import ensure_rgb
 from .data.occlusion import occluder_sizes, paste_random_occluder
 from .data.synthetic import COLOURS, SHAPES, SIZES, WorldConfig, build_world, cell_of, world_config
 from .vlm.openflamingo import OpenFlamingoCaptioner
@@ -199,7 +200,7 @@ class OccludedImages(TorchDataset):
     def image(self, index: int):
         row = self.dataset[index]
         rng = random.Random(f"{self.seed}-{index}")
-        image = row["image"].convert("RGB")
+        image = ensure_rgb(row["image"])
         if rng.random() < self.occluder_prob:
             image = paste_random_occluder(image, rng, self.sizes)
         return image, row
@@ -267,7 +268,7 @@ def vision_accuracy(probe: ObjectProbe, dataset, captioner: OpenFlamingoCaptione
     exact, total = 0, 0
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
-        pixels = torch.stack([captioner.image_transform(img.convert("RGB")) for img in rows["image"]])
+        pixels = torch.stack([captioner.image_transform(ensure_rgb(img)) for img in rows["image"]])
         colour, shape, _ = (l.argmax(-1).cpu() for l in probe(pixels.to(captioner.device))["patch_logits"])
         for i, objects in enumerate(rows["objects"]):
             exact += int(objects_from_patches(colour[i], shape[i], grid) == {(o["colour"], o["shape"]) for o in objects})
@@ -329,7 +330,7 @@ def train_captions(captioner: OpenFlamingoCaptioner, world_data: DatasetDict, co
 # --------------------------------------------------------------------------- evaluation
 def evaluate_captioner(captioner: OpenFlamingoCaptioner, dataset, config: PretrainConfig, occluded: bool = False) -> dict:
     """Object accuracy, BLEU-4 and CIDEr on ``dataset``; optionally under one largest red square."""
-    images = [img.convert("RGB") for img in dataset["image"]]
+    images = [ensure_rgb(img) for img in dataset["image"]]
     if occluded:
         side = max(occluder_sizes(captioner.image_size))
         rng = random.Random(config.seed)

@@ -69,7 +69,7 @@ PathLike = str | os.PathLike
 OnBadImage = Literal["skip", "raise"]
 
 #: bump when what a row holds for the same inputs changes, so old caches are not reused
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: 16-bit greyscale scaled by 255/65535 instead of stretched
 _REPORT_DIR = "srd_hf_load_reports"
 #: how many skipped items the warning names
 _NAMES_IN_WARNING = 5
