@@ -1,5 +1,5 @@
-"""The masking defense's parts: actions, reward, cached judging, the batched environment, the
-policy artifact and the dataset transform."""
+"""The masking defense's parts: actions, cached judging, the batched environment, the policy
+artifact and the dataset transform (the reward table: ``test_reward.py``)."""
 
 import json
 
@@ -7,36 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srd_hf.rl import MASK_COLOUR, MaskActionSpace, RewardConfig, SRDPolicy, SRDPolicyConfig, mask_reward
+from srd_hf.rl import MASK_COLOUR, MaskActionSpace, SRDPolicy, SRDPolicyConfig, mask_reward
 from srd_hf.rl.judge import CaptionJudge
-
-
-# ----------------------------------------------------------------------------- reward
-@pytest.mark.parametrize(
-    "sc, lf, sc0, lf0, expected",
-    [
-        (0.9, 0.8, 0.5, 0.6, 3.0),  # both improve
-        (1.0, 1.0, 1.0, 1.0, 3.0),  # perfect and kept perfect
-        (0.9, 0.5, 0.5, 0.6, 2.0),  # SC only (LF -0.1: not significant)
-        (0.5, 0.8, 0.55, 0.6, 1.0),  # LF only (SC -0.05: not significant)
-        (0.5, 0.6, 0.5, 0.6, 0.0),  # nothing changed
-        (0.3, 0.9, 0.5, 0.6, -2.0),  # SC fell by 0.2 > lambda
-        (0.5, 0.3, 0.5, 0.6, -1.0),  # LF fell by 0.3 > beta
-        (0.3, 0.3, 0.5, 0.6, -2.0),  # both fell: the semantic penalty wins
-        (0.9, float("nan"), 0.5, 0.6, -1.0),  # undefined fluency counts as a drop
-    ],
-)
-def test_reward_table(sc, lf, sc0, lf0, expected):
-    assert mask_reward([sc], [lf], [sc0], [lf0])[0] == expected
-
-
-def test_reward_thresholds_and_presets():
-    # the authors' beta 0.5 tolerates an LF fall of 0.3
-    assert mask_reward([0.5], [0.3], [0.5], [0.6], RewardConfig.from_preset("authors_code"))[0] == 0.0
-    with pytest.raises(ValueError, match="sc_drop"):
-        RewardConfig(sc_drop=1.5)
-    with pytest.raises(ValueError, match="unknown reward preset"):
-        RewardConfig.from_preset("nope")
 
 
 # ----------------------------------------------------------------------------- actions

@@ -4,7 +4,7 @@
 from .actions import ACTION_PRESETS, MASK_COLOUR, MaskActionSpace
 from .configuration_srd import POLICY_ALGORITHMS, SRDPolicyConfig
 from .modeling_srd import SRDPolicy, observe
-from .reward import BEST_REWARD, REWARD_PRESETS, RewardConfig, mask_reward
+from .reward import BEST_REWARD, REWARD_PRESETS, REWARD_RULES, RewardConfig, mask_reward
 
 __all__ = [
     "ACTION_PRESETS",
@@ -13,6 +13,7 @@ __all__ = [
     "MaskActionSpace",
     "POLICY_ALGORITHMS",
     "REWARD_PRESETS",
+    "REWARD_RULES",
     "RewardConfig",
     "SRDPolicy",
     "SRDPolicyConfig",

@@ -35,11 +35,14 @@ logger = logging.getLogger(__name__)
 class MaskingEnvConfig:
     """num_envs: images stepped together. max_masks: masks per episode at most (K).
     obs_size: side of the policy's observation. grid / mask_sizes: the action space (224 px
-    units); ``action_preset`` "paper" or "authors_code" sets both. reward: lambda / beta.
+    units); ``action_preset`` "paper" or "authors_code" sets both. reward: the rule ("paper",
+    default, or "any_gain") and its thresholds (``RewardConfig``, or its dict).
+    stop_at_best: end the episode at ``BEST_REWARD`` (+3, both scores improved) under either rule.
     max_new_tokens: the victim's decoding. episode_sampling: "uniform" draws every image
     equally; "disagreement" (default) draws image i with weight (1 - S0_i)^2 + 0.01, so
     episodes go where the victim disagrees with the reference, the only place a mask can earn
-    a positive reward (with 10% poison, ~1 episode in 10 would otherwise carry any signal)."""
+    a positive reward under the paper rule (an S0 near 1 leaves no room for a rise of lambda;
+    with 10% poison, ~1 episode in 10 would otherwise carry any signal)."""
 
     num_envs: int = 32
     max_masks: int = 4
