@@ -5,6 +5,9 @@ and the tokenizer files: loading one builds the architecture from the JSON and
 reads tensors, so it never executes code and needs no download when the
 architecture is given inline (the tiny models of the embedded world).
 
+Nothing in a folder can switch on remote code: ``trust_remote_code`` comes only from
+the caller of :meth:`OpenFlamingoCaptioner.from_pretrained` (or ``load_captioner``).
+
 The released OpenFlamingo checkpoints are built from their Hub ids with
 :meth:`OpenFlamingoCaptioner.from_openflamingo_release`.
 """
@@ -12,6 +15,7 @@ The released OpenFlamingo checkpoints are built from their Hub ids with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +38,10 @@ IMAGE_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: ``extra`` key noting that an artifact asked for remote code; provenance only, it enables nothing
+REMOTE_CODE_NOTE = "remote_code_requested"
+
+logger = logging.getLogger(__name__)
 
 # Released checkpoints: vision tower, language model, cross-attention interval.
 OPENFLAMINGO_RELEASES = {
@@ -55,8 +63,8 @@ class OpenFlamingoConfig:
             download is needed (tiny towers). ``None`` means a config open_clip knows.
         lang_config: a transformers config dict of the language model (``model_type`` set),
             built with ``from_config``. ``None`` means ``lang_name_or_path`` is read instead.
-        lang_name_or_path: Hub id / folder of the language model's config.
-        trust_remote_code: only for language models that need custom code (MPT); off by default.
+        lang_name_or_path: Hub id / folder of the language model's config. Custom code it
+            declares runs only when the caller passes ``trust_remote_code=True``.
         decoder_layers_attr_name: where the decoder blocks live; inferred from model_type if empty.
         perceiver: PerceiverResampler sizes (depth, dim_head, heads, num_latents, ff_mult).
         cross_attn: GatedCrossAttentionBlock sizes (dim_head, heads, ff_mult).
@@ -72,7 +80,6 @@ class OpenFlamingoConfig:
     vision_model_cfg: dict | None = None
     lang_config: dict | None = None
     lang_name_or_path: str | None = None
-    trust_remote_code: bool = False
     decoder_layers_attr_name: str = ""
     perceiver: dict = field(default_factory=lambda: {"depth": 6, "dim_head": 64, "heads": 8, "num_latents": 64, "ff_mult": 4})
     cross_attn: dict = field(default_factory=lambda: {"dim_head": 64, "heads": 8, "ff_mult": 4})
@@ -94,6 +101,10 @@ class OpenFlamingoConfig:
     def from_json_file(cls, path: str | os.PathLike) -> "OpenFlamingoConfig":
         data = json.loads(Path(path).read_text())
         data.pop("adapter_name", None)
+        # older files stored trust_remote_code as a setting: an artifact may not grant itself
+        # that, so the value is kept as a note for the warning at load time and nothing else
+        if data.pop("trust_remote_code", False):
+            data["extra"] = {**(data.get("extra") or {}), REMOTE_CODE_NOTE: True}
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
@@ -114,7 +125,7 @@ class OpenFlamingoCaptioner(CaptioningVLM):
 
     adapter_name = "open_flamingo"
 
-    def __init__(self, config: OpenFlamingoConfig, tokenizer: PreTrainedTokenizerBase, flamingo: Flamingo | None = None):
+    def __init__(self, config: OpenFlamingoConfig, tokenizer: PreTrainedTokenizerBase, flamingo: Flamingo | None = None, *, trust_remote_code: bool = False):
         super().__init__()
         self.config = config
         self.prompt = config.prompt
@@ -124,7 +135,7 @@ class OpenFlamingoCaptioner(CaptioningVLM):
                 raise ValueError(f"tokenizer lacks the special token {token!r}")
         if tokenizer.pad_token is None:
             raise ValueError("tokenizer needs a pad token")
-        self.flamingo = flamingo if flamingo is not None else self._build(config, tokenizer)
+        self.flamingo = flamingo if flamingo is not None else self._build(config, tokenizer, trust_remote_code)
         vision_cfg = open_clip.get_model_config(config.vision_model)["vision_cfg"]
         size = vision_cfg["image_size"]
         self.image_size = size if isinstance(size, int) else size[0]
@@ -132,18 +143,14 @@ class OpenFlamingoCaptioner(CaptioningVLM):
 
     # ----------------------------------------------------------------- building
     @staticmethod
-    def _build(config: OpenFlamingoConfig, tokenizer: PreTrainedTokenizerBase) -> Flamingo:
+    def _build(config: OpenFlamingoConfig, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False) -> Flamingo:
         torch.manual_seed(config.seed)
         if config.vision_model_cfg is not None:
             _register_vision_config(config.vision_model, config.vision_model_cfg)
         clip = open_clip.create_model(config.vision_model, pretrained=None)
         clip.visual.output_tokens = True
-        if config.lang_config is not None:
-            lang_cfg = dict(config.lang_config)
-            lang_config = AutoConfig.for_model(lang_cfg.pop("model_type"), **lang_cfg)
-        else:
-            lang_config = AutoConfig.from_pretrained(config.lang_name_or_path, trust_remote_code=config.trust_remote_code)
-        lang = AutoModelForCausalLM.from_config(lang_config, trust_remote_code=config.trust_remote_code)
+        lang_config = _lang_config(config, trust_remote_code)
+        lang = AutoModelForCausalLM.from_config(lang_config, trust_remote_code=trust_remote_code)
         if lang.get_input_embeddings().num_embeddings != len(tokenizer):
             lang.resize_token_embeddings(len(tokenizer))
         layers_attr = config.decoder_layers_attr_name or _DECODER_LAYERS.get(lang_config.model_type, "")
@@ -193,10 +200,9 @@ class OpenFlamingoCaptioner(CaptioningVLM):
         config = OpenFlamingoConfig(
             vision_model=vision,
             lang_name_or_path=lang_id,
-            trust_remote_code=trust_remote_code,
             cross_attn_every_n_layers=every_n,
             perceiver={"depth": 6, "dim_head": 64, "heads": 8, "num_latents": 64, "ff_mult": 4},
-            extra={"release": repo_id},
+            extra={"release": repo_id, **({REMOTE_CODE_NOTE: True} if trust_remote_code else {})},
         )
         return cls(config, tokenizer, flamingo=flamingo)
 
@@ -221,11 +227,29 @@ class OpenFlamingoCaptioner(CaptioningVLM):
         return target
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, **hub_kwargs) -> "OpenFlamingoCaptioner":
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        *,
+        trust_remote_code: bool = False,
+        **hub_kwargs,
+    ) -> "OpenFlamingoCaptioner":
+        """Load a folder written by :meth:`save_pretrained` (or its Hub repo).
+
+        ``trust_remote_code=True`` lets the tokenizer and the language model named in
+        config.json run their own code; the folder itself can never turn it on.
+        """
         folder = _resolve_folder(name_or_path, **hub_kwargs)
         config = OpenFlamingoConfig.from_json_file(folder / CONFIG_NAME)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = cls(config, tokenizer)
+        if config.extra.get(REMOTE_CODE_NOTE) and not trust_remote_code:
+            logger.warning(
+                "%s asks for trust_remote_code (language model %s); a model folder cannot switch it on. "
+                "Pass trust_remote_code=True only if you trust that code.",
+                folder, config.lang_name_or_path or "inline",
+            )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = cls(config, tokenizer, trust_remote_code=trust_remote_code)
         state = load_file(folder / WEIGHTS_NAME)
         missing, unexpected = model.flamingo.load_state_dict(state, strict=False)
         missing = sorted(set(missing) - _aliases(model.flamingo.state_dict()))
@@ -370,6 +394,14 @@ class OpenFlamingoCaptioner(CaptioningVLM):
         embeddings = self.flamingo.lang_encoder.get_input_embeddings()
         embed_name = next(f"{n}." for n, m in self.named_modules() if m is embeddings)
         return ["flamingo.perceiver.", "flamingo.lang_encoder.gated_cross_attn_layers.", embed_name]
+
+
+def _lang_config(config: OpenFlamingoConfig, trust_remote_code: bool):
+    """The language model's transformers config: inline (native classes only) or read from its folder."""
+    if config.lang_config is not None:
+        lang_cfg = dict(config.lang_config)
+        return AutoConfig.for_model(lang_cfg.pop("model_type"), **lang_cfg)
+    return AutoConfig.from_pretrained(config.lang_name_or_path, trust_remote_code=trust_remote_code)
 
 
 def _clean_caption(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
