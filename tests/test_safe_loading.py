@@ -138,3 +138,29 @@ def test_load_captioner_passes_only_the_callers_flag(tiny_flamingo, tmp_path, mo
         with pytest.raises(RemoteCodeReached):
             load_captioner(folder, trust_remote_code=flag)
     assert seen == [("OpenFlamingoCaptioner", False), ("ImageTextToTextCaptioner", False), ("OpenFlamingoCaptioner", True)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"vision_model": "hf-hub:someone/tower"},
+        {"vision_model": "local-dir:/elsewhere"},
+        {"vision_model": "{tmp}/escaped"},  # became the path of the registered JSON file
+        {"decoder_layers_attr_name": "__class__.forward"},
+    ],
+)
+def test_config_refuses_names_that_reach_outside(change, tiny_flamingo, tmp_path):
+    folder = tiny_flamingo.save_pretrained(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config.update({k: v.replace("{tmp}", str(tmp_path)) for k, v in change.items()})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=next(iter(change))):
+        load_captioner(folder)
+    assert not (tmp_path / "escaped.json").exists()
+
+
+def test_inline_vision_config_may_not_name_a_transformers_tower(tiny_flamingo):
+    cfg = json.loads(json.dumps(tiny_flamingo.config.vision_model_cfg))
+    cfg["text_cfg"]["hf_model_name"] = "someone/text-model"
+    with pytest.raises(ValueError, match="hf_model_name"):
+        OpenFlamingoConfig(vision_model="srd-probe", vision_model_cfg=cfg, lang_config={"model_type": "llama"})

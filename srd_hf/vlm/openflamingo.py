@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -96,6 +97,9 @@ class OpenFlamingoConfig:
             raise ValueError("lang_config must contain 'model_type'")
         if self.cross_attn_every_n_layers < 1:
             raise ValueError("cross_attn_every_n_layers must be >= 1")
+        _check_vision_spec(self.vision_model, self.vision_model_cfg)
+        if self.decoder_layers_attr_name and not _ATTR_PATH.fullmatch(self.decoder_layers_attr_name):
+            raise ValueError(f"decoder_layers_attr_name must be a dotted attribute path like 'model.layers', got {self.decoder_layers_attr_name!r}")
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "OpenFlamingoConfig":
@@ -109,6 +113,24 @@ class OpenFlamingoConfig:
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
         return cls(**data)
+
+
+# plain names only: no open_clip schema (hf-hub:, local-dir:) and nothing that leaves a folder
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_ATTR_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*(\.[A-Za-z0-9][A-Za-z0-9_]*)*")
+
+
+def _check_vision_spec(name: str, cfg: dict | None) -> None:
+    """Refuse vision towers that would make open_clip fetch or load other things.
+
+    The name becomes a file name when an inline config is registered, and open_clip reads
+    ``hf-hub:`` / ``local-dir:`` names from elsewhere; an inline ``text_cfg.hf_model_name``
+    makes it load a transformers model without ``trust_remote_code`` set.
+    """
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise ValueError(f"vision_model must be a plain open_clip model name, got {name!r}")
+    if cfg is not None and "hf_model_name" in (cfg.get("text_cfg") or {}):
+        raise ValueError("vision_model_cfg may not name a transformers text tower (text_cfg.hf_model_name)")
 
 
 def _register_vision_config(name: str, cfg: dict) -> None:
