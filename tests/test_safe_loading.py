@@ -164,3 +164,59 @@ def test_inline_vision_config_may_not_name_a_transformers_tower(tiny_flamingo):
     cfg["text_cfg"]["hf_model_name"] = "someone/text-model"
     with pytest.raises(ValueError, match="hf_model_name"):
         OpenFlamingoConfig(vision_model="srd-probe", vision_model_cfg=cfg, lang_config={"model_type": "llama"})
+
+
+# ----- released checkpoints: only the frozen pretrained parts may be missing ---------------------
+def _release_like_state(flamingo):
+    """What open_flamingo's training saves: the trained tensors (perceiver, gated cross-attention,
+    embeddings), cross-attention under its decoder-layer name, no vision tower."""
+    dropped = ("vision_encoder.", "lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
+    return {
+        k: v.clone()
+        for k, v in flamingo.state_dict().items()
+        if not k.startswith(dropped) and (k.startswith("perceiver.") or ".gated_cross_attn_layer." in k or "embed" in k)
+    }
+
+
+def _load_release_state(flamingo, state):
+    from srd_hf.vlm.openflamingo import check_release_state_dict
+
+    missing, unexpected = flamingo.load_state_dict(state, strict=False)
+    check_release_state_dict(flamingo, missing, unexpected, source="release")
+    return missing
+
+
+def test_a_release_state_dict_with_only_the_trained_parts_loads(tiny_flamingo):
+    import copy
+
+    import torch
+
+    state = _release_like_state(tiny_flamingo.flamingo)
+    assert any(k.startswith("perceiver.") for k in state) and any(".gated_cross_attn_layer." in k for k in state)
+    target = copy.deepcopy(tiny_flamingo.flamingo)
+    with torch.no_grad():
+        for p in target.lang_encoder.gated_cross_attn_layers.parameters():
+            p.zero_()
+    missing = _load_release_state(target, state)
+    assert any(k.startswith("vision_encoder.") for k in missing)
+    xattn = target.lang_encoder.gated_cross_attn_layers[0].attn.to_q.weight  # loaded through its other name
+    assert torch.equal(xattn, tiny_flamingo.flamingo.lang_encoder.gated_cross_attn_layers[0].attn.to_q.weight)
+    _load_release_state(target, tiny_flamingo.flamingo.state_dict())  # a full state dict is fine too
+
+
+def test_a_release_state_dict_with_a_foreign_key_fails(tiny_flamingo):
+    state = _release_like_state(tiny_flamingo.flamingo)
+    state["lang_encoder.model.layers.0.backdoor.weight"] = next(iter(state.values()))
+    with pytest.raises(ValueError, match="release: the checkpoint has keys the model lacks.*backdoor"):
+        _load_release_state(tiny_flamingo.flamingo, state)
+
+
+@pytest.mark.parametrize("part", ["perceiver.layers.0", ".gated_cross_attn_layer.attn.to_q", "embed_tokens"])
+def test_a_release_state_dict_without_a_trained_part_fails(part, tiny_flamingo):
+    state = _release_like_state(tiny_flamingo.flamingo)
+    dropped = [k for k in state if part in k]
+    assert dropped
+    for key in dropped:
+        del state[key]
+    with pytest.raises(ValueError, match="release: the checkpoint lacks trained weights"):
+        _load_release_state(tiny_flamingo.flamingo, state)

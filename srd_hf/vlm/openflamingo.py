@@ -218,7 +218,8 @@ class OpenFlamingoCaptioner(CaptioningVLM):
             **kwargs,
         )
         state = torch.load(hf_hub_download(repo_id, "checkpoint.pt"), map_location="cpu", weights_only=True)
-        flamingo.load_state_dict(state, strict=False)
+        missing, unexpected = flamingo.load_state_dict(state, strict=False)
+        check_release_state_dict(flamingo, missing, unexpected, source=repo_id)
         config = OpenFlamingoConfig(
             vision_model=vision,
             lang_name_or_path=lang_id,
@@ -416,6 +417,37 @@ class OpenFlamingoCaptioner(CaptioningVLM):
         embeddings = self.flamingo.lang_encoder.get_input_embeddings()
         embed_name = next(f"{n}." for n, m in self.named_modules() if m is embeddings)
         return ["flamingo.perceiver.", "flamingo.lang_encoder.gated_cross_attn_layers.", embed_name]
+
+
+def check_release_state_dict(flamingo: Flamingo, missing: Sequence[str], unexpected: Sequence[str], source: str = "checkpoint") -> None:
+    """Refuse a released checkpoint that leaves a trained part untouched or holds foreign keys.
+
+    A release holds what OpenFlamingo trained (perceiver, gated cross-attention, embeddings),
+    so it cannot load strictly; the vision tower and the LM's own weights come from their
+    pretrained checkpoints and may be missing. Every other gap, and any unexpected key, means
+    the checkpoint does not fit the model built for it. open_flamingo registers blocks under
+    two names: a key counts as loaded when any name of its tensor was.
+    """
+    if unexpected:
+        raise ValueError(f"{source}: the checkpoint has keys the model lacks, e.g. {sorted(unexpected)[:5]}")
+    state = flamingo.state_dict(keep_vars=True)
+    gone = set(missing)
+    loaded = {id(t) for name, t in state.items() if name not in gone}
+    pretrained = _pretrained_tensor_ids(flamingo)
+    gaps = sorted(n for n in gone if id(state[n]) not in loaded and id(state[n]) not in pretrained)
+    if gaps:
+        raise ValueError(f"{source}: the checkpoint lacks trained weights ({len(gaps)} keys), e.g. {gaps[:5]}")
+
+
+def _pretrained_tensor_ids(flamingo: Flamingo) -> set[int]:
+    """Tensors that come from the vision tower's and the LM's own checkpoints. The input
+    embeddings are not among them: their rows for <image> and <|endofchunk|> are trained."""
+    lm = flamingo.lang_encoder
+
+    def ids(module: torch.nn.Module) -> set[int]:
+        return {id(t) for t in module.state_dict(keep_vars=True).values()}
+
+    return (ids(flamingo.vision_encoder) | ids(lm)) - ids(lm.gated_cross_attn_layers) - ids(lm.get_input_embeddings())
 
 
 def _lang_config(config: OpenFlamingoConfig, trust_remote_code: bool):
