@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from srd_hf.vlm import load_captioner
-from srd_hf.vlm.openflamingo import REMOTE_CODE_NOTE, OpenFlamingoCaptioner, OpenFlamingoConfig
+from srd_hf.vlm.openflamingo import OPENFLAMINGO_RELEASES, REMOTE_CODE_NOTE, OpenFlamingoCaptioner, OpenFlamingoConfig
 
 # every transformers auto class imports custom code through this one function
 _DYNAMIC_IMPORTERS = (
@@ -220,3 +220,120 @@ def test_a_release_state_dict_without_a_trained_part_fails(part, tiny_flamingo):
         del state[key]
     with pytest.raises(ValueError, match="release: the checkpoint lacks trained weights"):
         _load_release_state(tiny_flamingo.flamingo, state)
+
+
+# ----- released OpenFlamingo models: built here, refused when they need remote code ------------
+@pytest.fixture()
+def no_downloads(monkeypatch):
+    """Any network connection or download attempt fails the test."""
+    import socket
+
+    import huggingface_hub
+    import open_clip
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to reach the network or download")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    monkeypatch.setattr(open_clip, "create_model", refuse)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+_REMOTE_CODE_RELEASES = sorted(r for r, spec in OPENFLAMINGO_RELEASES.items() if spec.needs_remote_code)
+
+
+def test_the_release_table_marks_the_mpt_language_models_as_remote_code():
+    assert "openflamingo/OpenFlamingo-3B-vitl-mpt1b" in _REMOTE_CODE_RELEASES
+    assert not OPENFLAMINGO_RELEASES["openflamingo/OpenFlamingo-4B-vitl-rpj3b"].needs_remote_code
+
+
+@pytest.mark.parametrize("repo_id", _REMOTE_CODE_RELEASES)
+def test_a_release_needing_remote_code_is_refused_before_any_download(repo_id, no_downloads):
+    with pytest.raises(ValueError, match=rf"^{repo_id}: its language model .* Pass trust_remote_code=True if you trust it"):
+        OpenFlamingoCaptioner.from_openflamingo_release(repo_id)
+    with pytest.raises(ValueError, match="unknown release"):
+        OpenFlamingoCaptioner.from_openflamingo_release("someone/not-a-release")
+
+
+@pytest.mark.parametrize(("repo_id", "flag"), [("openflamingo/OpenFlamingo-3B-vitl-mpt1b", True), ("openflamingo/OpenFlamingo-4B-vitl-rpj3b", False)])
+def test_the_refusal_only_stops_remote_code_without_consent(repo_id, flag, monkeypatch):
+    from srd_hf.vlm import openflamingo
+
+    seen = []
+
+    def build(release, trust_remote_code, local_files_only):
+        seen.append((release.lang_id, trust_remote_code))
+        raise RemoteCodeReached
+
+    monkeypatch.setattr(openflamingo, "build_release_flamingo", build)
+    with pytest.raises(RemoteCodeReached):
+        OpenFlamingoCaptioner.from_openflamingo_release(repo_id, trust_remote_code=flag)
+    assert seen == [(OPENFLAMINGO_RELEASES[repo_id].lang_id, flag)]
+
+
+_PROBE_VIT = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 32, "heads": 1, "layers": 1},
+}
+
+
+def _tiny_gpt_neox(folder):
+    """A local gpt_neox LM + a tokenizer without Flamingo's tokens or a pad token, like RedPajama's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["a photo of a red square", "a green circle"], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id)
+    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("embeddings_attr", ["", "gpt_neox.embed_in"], ids=["native-accessors", "attribute-path"])
+def test_a_release_is_assembled_like_open_flamingo_and_round_trips(embeddings_attr, tmp_path, monkeypatch):
+    import huggingface_hub
+    import torch
+    from PIL import Image
+
+    from srd_hf.vlm.openflamingo import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, OpenFlamingoRelease, _register_vision_config, build_release_flamingo
+
+    _register_vision_config("srd-release-probe-vit", _PROBE_VIT)
+    release = OpenFlamingoRelease("srd-release-probe-vit", None, str(_tiny_gpt_neox(tmp_path / "lm")), 1, "gpt_neox.layers", False, embeddings_attr)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    flags = []
+    for auto in (AutoTokenizer, AutoModelForCausalLM):
+        real = auto.from_pretrained
+        monkeypatch.setattr(auto, "from_pretrained", lambda *a, _real=real, **kw: flags.append(kw.get("trust_remote_code")) or _real(*a, **kw))
+    source, tokenizer = build_release_flamingo(release)
+    assert flags == [False, False]  # passed explicitly, so transformers never falls back to asking
+    assert {END_OF_CHUNK_TOKEN, IMAGE_TOKEN} <= set(tokenizer.all_special_tokens) and tokenizer.pad_token == "<PAD>"
+    assert source.lang_encoder.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert ("_EmbeddingAccessors" in {c.__name__ for c in type(source.lang_encoder).__mro__}) == bool(embeddings_attr)
+    trainable = {n for n, p in source.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("perceiver.") or "gated_cross_attn" in n or ".embed_in." in n for n in trainable)
+
+    torch.save(_release_like_state(source), tmp_path / "checkpoint.pt")
+    monkeypatch.setitem(OPENFLAMINGO_RELEASES, "someone/tiny-release", release)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **kwargs: str(tmp_path / filename))
+    captioner = OpenFlamingoCaptioner.from_openflamingo_release("someone/tiny-release")
+    loaded = captioner.flamingo.state_dict()
+    for name, tensor in _release_like_state(source).items():
+        assert torch.equal(loaded[name], tensor), name
+
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    caption = captioner.generate_captions([image], max_new_tokens=3)
+    reloaded = load_captioner(captioner.save_pretrained(tmp_path / "saved"))
+    assert reloaded.config.input_embeddings_attr == embeddings_attr
+    assert reloaded.generate_captions([image], max_new_tokens=3) == caption

@@ -28,6 +28,7 @@ import open_clip
 import torch
 from open_flamingo.src.flamingo import Flamingo
 from open_flamingo.src.helpers import PerceiverResampler
+from open_flamingo.src.utils import extend_instance, getattr_recursive, setattr_recursive
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -44,12 +45,46 @@ REMOTE_CODE_NOTE = "remote_code_requested"
 
 logger = logging.getLogger(__name__)
 
-# Released checkpoints: vision tower, language model, cross-attention interval.
+# open_flamingo's fixed resampler and cross-attention sizes, which the released checkpoints use
+RELEASE_PERCEIVER = {"depth": 6, "dim_head": 64, "heads": 8, "num_latents": 64, "ff_mult": 4}
+RELEASE_CROSS_ATTN = {"dim_head": 64, "heads": 8, "ff_mult": 4}
+
+
+@dataclass(frozen=True)
+class OpenFlamingoRelease:
+    """How open_flamingo's factory assembled one released checkpoint.
+
+    ``needs_remote_code``: the language model's repo maps its classes to its own Python files
+    (``auto_map``) instead of an architecture transformers ships, so building it runs that code.
+    ``input_embeddings_attr``: where the input embeddings live when the LM class has no
+    ``get_input_embeddings`` (MPT-1B's MosaicGPT).
+    """
+
+    vision_model: str
+    vision_pretrained: str | None
+    lang_id: str
+    cross_attn_every_n_layers: int
+    decoder_layers_attr_name: str
+    needs_remote_code: bool
+    input_embeddings_attr: str = ""
+
+
+# MPT-1B (model_type "mosaic_gpt") is defined by code in its repo; so is the MPT-7B copy, whose
+# config maps to the repo's code rather than to transformers' own port, which is not assumed to
+# load it identically. RedPajama-INCITE is a gpt_neox, an architecture transformers ships.
 OPENFLAMINGO_RELEASES = {
-    "openflamingo/OpenFlamingo-3B-vitl-mpt1b": ("ViT-L-14", "openai", "anas-awadalla/mpt-1b-redpajama-200b", 1),
-    "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": ("ViT-L-14", "openai", "anas-awadalla/mpt-1b-redpajama-200b-dolly", 1),
-    "openflamingo/OpenFlamingo-4B-vitl-rpj3b": ("ViT-L-14", "openai", "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2),
-    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": ("ViT-L-14", "openai", "anas-awadalla/mpt-7b", 4),
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b": OpenFlamingoRelease(
+        "ViT-L-14", "openai", "anas-awadalla/mpt-1b-redpajama-200b", 1, "transformer.blocks", True, "transformer.wte"
+    ),
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": OpenFlamingoRelease(
+        "ViT-L-14", "openai", "anas-awadalla/mpt-1b-redpajama-200b-dolly", 1, "transformer.blocks", True, "transformer.wte"
+    ),
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b": OpenFlamingoRelease(
+        "ViT-L-14", "openai", "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2, "gpt_neox.layers", False
+    ),
+    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": OpenFlamingoRelease(
+        "ViT-L-14", "openai", "anas-awadalla/mpt-7b", 4, "transformer.blocks", True
+    ),
 }
 _DECODER_LAYERS = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "gpt2": "transformer.h", "opt": "model.decoder.layers", "mpt": "transformer.blocks"}
 
@@ -67,6 +102,8 @@ class OpenFlamingoConfig:
         lang_name_or_path: Hub id / folder of the language model's config. Custom code it
             declares runs only when the caller passes ``trust_remote_code=True``.
         decoder_layers_attr_name: where the decoder blocks live; inferred from model_type if empty.
+        input_embeddings_attr: where the input embeddings live, for LM classes without
+            ``get_input_embeddings`` (MPT-1B); empty for the others.
         perceiver: PerceiverResampler sizes (depth, dim_head, heads, num_latents, ff_mult).
         cross_attn: GatedCrossAttentionBlock sizes (dim_head, heads, ff_mult).
         cross_attn_every_n_layers: one gated cross-attention block every n decoder layers.
@@ -82,8 +119,9 @@ class OpenFlamingoConfig:
     lang_config: dict | None = None
     lang_name_or_path: str | None = None
     decoder_layers_attr_name: str = ""
-    perceiver: dict = field(default_factory=lambda: {"depth": 6, "dim_head": 64, "heads": 8, "num_latents": 64, "ff_mult": 4})
-    cross_attn: dict = field(default_factory=lambda: {"dim_head": 64, "heads": 8, "ff_mult": 4})
+    input_embeddings_attr: str = ""
+    perceiver: dict = field(default_factory=lambda: dict(RELEASE_PERCEIVER))
+    cross_attn: dict = field(default_factory=lambda: dict(RELEASE_CROSS_ATTN))
     cross_attn_every_n_layers: int = 1
     gate_init: float = 0.0
     prompt: str = DEFAULT_PROMPT
@@ -98,8 +136,10 @@ class OpenFlamingoConfig:
         if self.cross_attn_every_n_layers < 1:
             raise ValueError("cross_attn_every_n_layers must be >= 1")
         _check_vision_spec(self.vision_model, self.vision_model_cfg)
-        if self.decoder_layers_attr_name and not _ATTR_PATH.fullmatch(self.decoder_layers_attr_name):
-            raise ValueError(f"decoder_layers_attr_name must be a dotted attribute path like 'model.layers', got {self.decoder_layers_attr_name!r}")
+        for name in ("decoder_layers_attr_name", "input_embeddings_attr"):
+            value = getattr(self, name)
+            if value and not _ATTR_PATH.fullmatch(value):
+                raise ValueError(f"{name} must be a dotted attribute path like 'model.layers', got {value!r}")
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "OpenFlamingoConfig":
@@ -173,6 +213,7 @@ class OpenFlamingoCaptioner(CaptioningVLM):
         clip.visual.output_tokens = True
         lang_config = _lang_config(config, trust_remote_code)
         lang = AutoModelForCausalLM.from_config(lang_config, trust_remote_code=trust_remote_code)
+        _add_embedding_accessors(lang, config.input_embeddings_attr)
         if lang.get_input_embeddings().num_embeddings != len(tokenizer):
             lang.resize_token_embeddings(len(tokenizer))
         layers_attr = config.decoder_layers_attr_name or _DECODER_LAYERS.get(lang_config.model_type, "")
@@ -197,37 +238,40 @@ class OpenFlamingoCaptioner(CaptioningVLM):
         return flamingo
 
     @classmethod
-    def from_openflamingo_release(cls, repo_id: str = "openflamingo/OpenFlamingo-3B-vitl-mpt1b", trust_remote_code: bool = False, **kwargs) -> "OpenFlamingoCaptioner":
+    def from_openflamingo_release(
+        cls,
+        repo_id: str = "openflamingo/OpenFlamingo-3B-vitl-mpt1b",
+        trust_remote_code: bool = False,
+        *,
+        local_files_only: bool = False,
+    ) -> "OpenFlamingoCaptioner":
         """The paper's victim: a released OpenFlamingo with its pretrained parts, from the Hub.
 
-        MPT language models ship custom code: pass ``trust_remote_code=True`` only if you trust it.
-        The checkpoint is read with ``torch.load(weights_only=True)``, which cannot run code.
+        Assembled like open_flamingo's factory, but that factory forces ``trust_remote_code``
+        on: here it is the caller's. A release whose language model is defined by its repo's
+        code (the MPT ones, see :data:`OPENFLAMINGO_RELEASES`) is refused, before anything is
+        downloaded, unless ``trust_remote_code=True``. ``checkpoint.pt`` is read with
+        ``torch.load(weights_only=True)`` and checked by :func:`check_release_state_dict`.
         """
-        if repo_id not in OPENFLAMINGO_RELEASES:
-            raise ValueError(f"unknown release {repo_id!r}; known: {sorted(OPENFLAMINGO_RELEASES)}")
+        release = release_spec(repo_id, trust_remote_code)
         from huggingface_hub import hf_hub_download
-        from open_flamingo import create_model_and_transforms
 
-        vision, pretrained, lang_id, every_n = OPENFLAMINGO_RELEASES[repo_id]
-        flamingo, _, tokenizer = create_model_and_transforms(
-            clip_vision_encoder_path=vision,
-            clip_vision_encoder_pretrained=pretrained,
-            lang_encoder_path=lang_id,
-            tokenizer_path=lang_id,
-            cross_attn_every_n_layers=every_n,
-            **kwargs,
-        )
-        state = torch.load(hf_hub_download(repo_id, "checkpoint.pt"), map_location="cpu", weights_only=True)
+        flamingo, tokenizer = build_release_flamingo(release, trust_remote_code, local_files_only)
+        checkpoint = hf_hub_download(repo_id, "checkpoint.pt", local_files_only=local_files_only)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         missing, unexpected = flamingo.load_state_dict(state, strict=False)
         check_release_state_dict(flamingo, missing, unexpected, source=repo_id)
         config = OpenFlamingoConfig(
-            vision_model=vision,
-            lang_name_or_path=lang_id,
-            cross_attn_every_n_layers=every_n,
-            perceiver={"depth": 6, "dim_head": 64, "heads": 8, "num_latents": 64, "ff_mult": 4},
-            extra={"release": repo_id, **({REMOTE_CODE_NOTE: True} if trust_remote_code else {})},
+            vision_model=release.vision_model,
+            lang_name_or_path=release.lang_id,
+            decoder_layers_attr_name=release.decoder_layers_attr_name,
+            input_embeddings_attr=release.input_embeddings_attr,
+            cross_attn_every_n_layers=release.cross_attn_every_n_layers,
+            perceiver=dict(RELEASE_PERCEIVER),
+            cross_attn=dict(RELEASE_CROSS_ATTN),
+            extra={"release": repo_id, **({REMOTE_CODE_NOTE: True} if release.needs_remote_code else {})},
         )
-        return cls(config, tokenizer, flamingo=flamingo)
+        return cls(config, tokenizer, flamingo=flamingo, trust_remote_code=trust_remote_code)
 
     # ----------------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -419,6 +463,62 @@ class OpenFlamingoCaptioner(CaptioningVLM):
         return ["flamingo.perceiver.", "flamingo.lang_encoder.gated_cross_attn_layers.", embed_name]
 
 
+def release_spec(repo_id: str, trust_remote_code: bool = False) -> OpenFlamingoRelease:
+    """The table entry of ``repo_id``. Refuses a release whose language model would run its
+    repo's code unless the caller trusts it; nothing has been downloaded at that point."""
+    if repo_id not in OPENFLAMINGO_RELEASES:
+        raise ValueError(f"unknown release {repo_id!r}; known: {sorted(OPENFLAMINGO_RELEASES)}")
+    release = OPENFLAMINGO_RELEASES[repo_id]
+    if release.needs_remote_code and not trust_remote_code:
+        raise ValueError(
+            f"{repo_id}: its language model {release.lang_id} is defined by Python code in that repository, "
+            "which runs when the model is built. Pass trust_remote_code=True if you trust it."
+        )
+    return release
+
+
+def add_flamingo_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    """``<|endofchunk|>`` and ``<image>`` as special tokens, and a pad token when there is none
+    (padding is masked out of the loss), as open_flamingo's factory does."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK_TOKEN, IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+
+
+def build_release_flamingo(
+    release: OpenFlamingoRelease, trust_remote_code: bool = False, local_files_only: bool = False
+) -> tuple[Flamingo, PreTrainedTokenizerBase]:
+    """Flamingo with the pretrained vision tower and language model of ``release``, structured
+    as open_flamingo's factory builds it; the release checkpoint fills perceiver, gated
+    cross-attention and embeddings. ``trust_remote_code`` applies to the tokenizer and the LM."""
+    clip = open_clip.create_model(release.vision_model, pretrained=release.vision_pretrained)
+    clip.visual.output_tokens = True
+    hub = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(release.lang_id, **hub)
+    add_flamingo_special_tokens(tokenizer)
+    lang = AutoModelForCausalLM.from_pretrained(release.lang_id, **hub)
+    _add_embedding_accessors(lang, release.input_embeddings_attr)
+    lang.resize_token_embeddings(len(tokenizer))
+    make_flamingo_lm(lang, release.decoder_layers_attr_name, RELEASE_CROSS_ATTN)
+    flamingo = Flamingo(
+        clip,
+        lang,
+        eoc_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN),
+        media_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vis_dim=open_clip.get_model_config(release.vision_model)["vision_cfg"]["width"],
+        cross_attn_every_n_layers=release.cross_attn_every_n_layers,
+    )
+    _freeze_like_open_flamingo(flamingo)
+    return flamingo, tokenizer
+
+
+def _freeze_like_open_flamingo(flamingo: Flamingo) -> None:
+    """Trainable: what OpenFlamingo trained (perceiver, gated cross-attention, input embeddings)."""
+    flamingo.requires_grad_(False)
+    for part in (flamingo.perceiver, flamingo.lang_encoder.gated_cross_attn_layers, flamingo.lang_encoder.get_input_embeddings()):
+        part.requires_grad_(True)
+
+
 def check_release_state_dict(flamingo: Flamingo, missing: Sequence[str], unexpected: Sequence[str], source: str = "checkpoint") -> None:
     """Refuse a released checkpoint that leaves a trained part untouched or holds foreign keys.
 
@@ -456,6 +556,22 @@ def _lang_config(config: OpenFlamingoConfig, trust_remote_code: bool):
         lang_cfg = dict(config.lang_config)
         return AutoConfig.for_model(lang_cfg.pop("model_type"), **lang_cfg)
     return AutoConfig.from_pretrained(config.lang_name_or_path, trust_remote_code=trust_remote_code)
+
+
+class _EmbeddingAccessors:
+    """``get/set_input_embeddings`` through an attribute path, for LM classes without them."""
+
+    def get_input_embeddings(self):
+        return getattr_recursive(self, self.input_embeddings_attr)
+
+    def set_input_embeddings(self, value):
+        setattr_recursive(self, self.input_embeddings_attr, value)
+
+
+def _add_embedding_accessors(lang: torch.nn.Module, attr: str) -> None:
+    if attr:
+        extend_instance(lang, _EmbeddingAccessors)
+        lang.input_embeddings_attr = attr
 
 
 def _clean_caption(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
