@@ -251,6 +251,16 @@ def test_the_release_table_marks_the_mpt_language_models_as_remote_code():
     assert not OPENFLAMINGO_RELEASES["openflamingo/OpenFlamingo-4B-vitl-rpj3b"].needs_remote_code
 
 
+@pytest.mark.parametrize("repo_id", sorted(OPENFLAMINGO_RELEASES))
+def test_release_vision_towers_use_the_activation_their_weights_were_trained_with(repo_id):
+    import open_clip
+
+    spec = OPENFLAMINGO_RELEASES[repo_id]
+    tag = open_clip.get_pretrained_cfg(spec.vision_model, spec.vision_pretrained)
+    assert tag, f"{spec.vision_model} has no {spec.vision_pretrained!r} weights in open_clip"
+    assert open_clip.get_model_config(spec.vision_model).get("quick_gelu", False) == tag.get("quick_gelu", False)
+
+
 @pytest.mark.parametrize("repo_id", _REMOTE_CODE_RELEASES)
 def test_a_release_needing_remote_code_is_refused_before_any_download(repo_id, no_downloads):
     with pytest.raises(ValueError, match=rf"^{repo_id}: its language model .* Pass trust_remote_code=True if you trust it"):

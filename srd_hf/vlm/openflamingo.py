@@ -69,21 +69,23 @@ class OpenFlamingoRelease:
     input_embeddings_attr: str = ""
 
 
+# The OpenAI ViT-L/14 weights were trained with QuickGELU: open_clip 2 (which OpenFlamingo used)
+# built them so, open_clip 3 does only under the -quickgelu name (same parameters).
 # MPT-1B (model_type "mosaic_gpt") is defined by code in its repo; so is the MPT-7B copy, whose
 # config maps to the repo's code rather than to transformers' own port, which is not assumed to
 # load it identically. RedPajama-INCITE is a gpt_neox, an architecture transformers ships.
 OPENFLAMINGO_RELEASES = {
     "openflamingo/OpenFlamingo-3B-vitl-mpt1b": OpenFlamingoRelease(
-        "ViT-L-14", "openai", "anas-awadalla/mpt-1b-redpajama-200b", 1, "transformer.blocks", True, "transformer.wte"
+        "ViT-L-14-quickgelu", "openai", "anas-awadalla/mpt-1b-redpajama-200b", 1, "transformer.blocks", True, "transformer.wte"
     ),
     "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": OpenFlamingoRelease(
-        "ViT-L-14", "openai", "anas-awadalla/mpt-1b-redpajama-200b-dolly", 1, "transformer.blocks", True, "transformer.wte"
+        "ViT-L-14-quickgelu", "openai", "anas-awadalla/mpt-1b-redpajama-200b-dolly", 1, "transformer.blocks", True, "transformer.wte"
     ),
     "openflamingo/OpenFlamingo-4B-vitl-rpj3b": OpenFlamingoRelease(
-        "ViT-L-14", "openai", "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2, "gpt_neox.layers", False
+        "ViT-L-14-quickgelu", "openai", "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2, "gpt_neox.layers", False
     ),
     "openflamingo/OpenFlamingo-9B-vitl-mpt7b": OpenFlamingoRelease(
-        "ViT-L-14", "openai", "anas-awadalla/mpt-7b", 4, "transformer.blocks", True
+        "ViT-L-14-quickgelu", "openai", "anas-awadalla/mpt-7b", 4, "transformer.blocks", True
     ),
 }
 _DECODER_LAYERS = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "gpt2": "transformer.h", "opt": "model.decoder.layers", "mpt": "transformer.blocks"}
