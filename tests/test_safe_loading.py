@@ -8,7 +8,7 @@ import pytest
 from srd_hf.vlm import load_captioner
 from srd_hf.vlm.openflamingo import OPENFLAMINGO_RELEASES, REMOTE_CODE_NOTE, OpenFlamingoCaptioner, OpenFlamingoConfig
 
-# every transformers auto class imports custom code through this one function
+# the auto classes used on load import custom code through this one function
 _DYNAMIC_IMPORTERS = (
     "transformers.models.auto.configuration_auto",
     "transformers.models.auto.auto_factory",
