@@ -174,8 +174,8 @@ def _convert_smollm2(gguf_file: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, fname = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname, trust_remote_code=False)
+    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32, trust_remote_code=False)
     # A model loaded from GGUF refuses save_pretrained: rebuild it from its config without
     # the quantisation entry and copy the (already dequantised) weights over.
     config = quantised.config
@@ -272,7 +272,8 @@ def resolve_fluency_lm(
 
     ``name`` defaults to ``gpt2-large``; when that cannot be loaded (offline, no cache), the
     embedded SmolLM2-135M is used with a warning. Note that the two models give different
-    perplexities, so LF values are only comparable when computed with the same LM.
+    perplexities, so LF values are only comparable when computed with the same LM. Models that
+    need their repo's own code are refused (a scorer has no reason to run it).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -284,15 +285,15 @@ def resolve_fluency_lm(
     if target != name and name != EMBEDDED_LM:
         logger.warning("%r is not available offline; using the embedded SmolLM2-135M as fluency LM.", name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, trust_remote_code=False)
     except Exception as err:
         if name not in _LM_ALIASES or target != name:
             raise
         logger.warning("Could not load %r (%s); using the embedded SmolLM2-135M as fluency LM.", name, err)
         _UNREACHABLE.add(name)
         target = str(ensure_smollm2(cache_dir))
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, trust_remote_code=False)
     model.to(device).eval()
     return model, tokenizer

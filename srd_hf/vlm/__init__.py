@@ -11,9 +11,13 @@ from .base import DEFAULT_PROMPT, CaptionCollator, CaptioningVLM, parameter_coun
 __all__ = ["CaptioningVLM", "CaptionCollator", "DEFAULT_PROMPT", "load_captioner", "parameter_counts", "parse_trainable"]
 
 
-def load_captioner(name_or_path: str | os.PathLike, **kwargs) -> CaptioningVLM:
+def load_captioner(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs) -> CaptioningVLM:
     """Load any saved captioner: an srd-hf OpenFlamingo folder, or a transformers
-    image-text-to-text model (folder or Hub id). Dispatches on ``config.json``."""
+    image-text-to-text model (folder or Hub id). Dispatches on ``config.json``.
+
+    ``trust_remote_code`` is the caller's alone and reaches whichever adapter the folder
+    picks: config.json chooses the adapter, never whether code may run.
+    """
     path = Path(name_or_path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} is a file; expected a model folder")
@@ -30,7 +34,7 @@ def load_captioner(name_or_path: str | os.PathLike, **kwargs) -> CaptioningVLM:
     if adapter == "open_flamingo":
         from .openflamingo import OpenFlamingoCaptioner
 
-        return OpenFlamingoCaptioner.from_pretrained(name_or_path, **kwargs)
+        return OpenFlamingoCaptioner.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     from .image_text_to_text import ImageTextToTextCaptioner
 
-    return ImageTextToTextCaptioner.from_pretrained(name_or_path, **kwargs)
+    return ImageTextToTextCaptioner.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
