@@ -1,22 +1,30 @@
-"""Mask every sample of the untrusted fine-tuning set with a trained SRD policy.
+"""Mask every sample of the untrusted fine-tuning set with trained SRD policies.
 
-    python recipes/cleanse.py --attack badnet                # policy and data from the default paths
-    python recipes/cleanse.py --poisoned_dataset my_set --output_dir outputs/srd/mine   # uses <output_dir>/policy
+    python recipes/cleanse.py --attack badnet                         # policies and data from the default paths
+    python recipes/cleanse.py --attack badnet --poisoned_captions relabel
 
-The masked set goes to ``<output_dir>/cleansed_dataset`` with a ``srd_masks`` column.
+Per protocol and seed: ``<output_dir>/seed-<s>/masked-<protocol>`` (every sample, a ``srd_masks``
+column) and ``cleansed-<protocol>`` (the samples whose victim caption the masks change are
+dropped or relabelled, ``--poisoned_captions``), with a report beside it. Trains a missing policy.
 """
 
 import logging
 
 from trl import TrlParser
 
-from srd_hf.defense import SRDConfig, cleanse
+from srd_hf.defense import SRDConfig, cleanse, load_inputs, train_policy
 
 
 def main(config: SRDConfig):
-    cleansed = cleanse(config)
-    print(f"cleansed dataset: {config.output_dir}/cleansed_dataset ({len(cleansed)} samples)")
-    return cleansed
+    out = {}
+    for seed in config.seed_list:
+        run = config.for_seed(seed)
+        inputs = load_inputs(run)
+        for protocol in run.protocols:
+            cleansed, report = cleanse(run, inputs, protocol, train_policy(run, inputs, protocol))
+            out[(seed, protocol)] = cleansed
+            print(f"cleansed dataset: {run.output_dir}/cleansed-{protocol} ({len(cleansed)} samples; {report['n_flagged']} flagged)")
+    return out
 
 
 if __name__ == "__main__":

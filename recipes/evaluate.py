@@ -1,19 +1,23 @@
-"""Score a defense: BLEU-4, CIDEr, SC, LF, SFS on clean test images and ASR on triggered ones,
-for the clean model, the backdoored model (No Defense), the retrained models and the
-inference-time filter. Retrains first when a retrained model is missing.
+"""Score a defense: CIDEr, SFS on clean test images and ASR on triggered ones, for the clean
+model, the backdoored model, the control, SRD, the baselines and the inference-time filter.
+Runs (or reuses) every stage the table needs.
 
     python recipes/evaluate.py --attack badnet
+    python recipes/evaluate.py --attack badnet --seeds 0,1,2 --policy_data untrusted,defender
 """
 
 import logging
 
 from trl import TrlParser
 
-from srd_hf.defense import SRDConfig, evaluate_defense, results_table
+from srd_hf.defense import SRDConfig, results_table, run_pipeline
+from srd_hf.tables import not_measurable_message
 
 
 def main(config: SRDConfig) -> dict:
-    results = evaluate_defense(config)
+    results = run_pipeline(config)
+    if not results["defense_measurable"]:
+        print("\n" + not_measurable_message(results))
     print(results_table(results))
     return results
 

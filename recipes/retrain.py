@@ -1,14 +1,16 @@
-"""The main job: defend a backdoored captioner with SRD, end to end, and print No Defense vs SRD.
+"""The main job: defend a backdoored captioner with SRD, end to end, and print the table.
 
     accelerate launch --config_file accelerate_config.yaml --num_cpu_threads_per_process $(nproc) recipes/retrain.py
     python recipes/retrain.py --attack trojvlm
-    python recipes/retrain.py --config my_srd.yaml --retrain_from pre_attack     # a YAML file of SRDConfig keys
+    python recipes/retrain.py --attack badnet --seeds 0,1,2 --policy_data untrusted,defender
 
 With no arguments, on the embedded world: pretrain the clean model (outputs/clean), plant
-BadNet at 10% (outputs/backdoor/badnet-0.1), train a DQN masking policy against the
-backdoored model, mask the poisoned fine-tuning set with it, retrain from the pre-attack
-model (``--retrain_from both`` adds the backdoored start) and evaluate. Every stage that already has its artifact is reused,
-and a killed run resumes.
+BadNet at 10% with recipes/configs/inject_badnet.yaml (outputs/backdoor/badnet-0.1), train a
+DQN masking policy against the backdoored model, mask the poisoned fine-tuning set, drop the
+samples whose victim caption the masks change, retrain with the recipe that planted the
+backdoor, and print clean model, no defense, control, SRD, random masks, disagreement filter
+and the inference-time filter. Every stage that already has its artifact is reused, and a
+killed run resumes.
 """
 
 import logging
@@ -16,12 +18,17 @@ import logging
 from trl import TrlParser
 
 from srd_hf.defense import SRDConfig, results_table, run_pipeline
+from srd_hf.tables import not_measurable_message
 
 
 def main(config: SRDConfig) -> dict:
     results = run_pipeline(config)
-    print(f"\nSRD vs No Defense: {config.attack} at {config.poison_rate:g}, policy {config.algorithm} "
-          f"({results['num_test_images']} test images; ASR on the same images with the trigger)\n")
+    seeds = results["seeds"]
+    print(f"\nSRD: {config.attack} at {config.poison_rate:g}, policy {config.algorithm} ({', '.join(results['policy_data'])}), "
+          f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))} ({results['num_test_images']} test images; "
+          "ASR on the same images with the trigger; [95% bootstrap interval over test images])\n")
+    if not results["defense_measurable"]:
+        print(not_measurable_message(results) + "\n")
     print(results_table(results))
     print("\nwall clock per stage (s): " + ", ".join(f"{k} {v:g}" for k, v in results["stage_seconds"].items()))
     print(f"\nresults: {config.output_dir}/results.json")

@@ -1,19 +1,31 @@
-"""SRD end to end: train a masking policy against a backdoored model, mask ("cleanse") the
-untrusted fine-tuning set with it, retrain, and score No Defense vs SRD.
+"""SRD end to end: plant the attack with its own recipe, train a masking policy, cleanse the
+untrusted fine-tuning set with it, retrain with the recipe that planted the backdoor, and
+score the defense beside a control and two baselines.
 
 ``SRDConfig`` extends ``transformers.TrainingArguments`` (the retraining loop) with the
-defense's settings; the four recipes (train_policy, cleanse, retrain, evaluate) share it, so
-one YAML describes a whole defense. Each stage writes an artifact under ``output_dir`` and is
+defense's settings; the recipes (train_policy, cleanse, retrain, evaluate) share it, so one
+YAML describes a whole defense. Each stage writes an artifact under ``output_dir`` and is
 skipped when that artifact exists, so a killed pipeline resumes where it stopped.
 
-Layout (defaults)::
+The rows of the table (all retrained rows use one retraining recipe and start):
 
-    outputs/clean/model                               pre-attack (clean) model
-    outputs/backdoor/<attack>-<rate>/                 inject: model, poisoned_dataset, attack
-    outputs/srd/<attack>-<rate>/<algorithm>/policy    SRDPolicy
-    .../cleansed_dataset                              the masked fine-tuning set
-    .../retrain-<start>/model                         retrained model (start: pre_attack, backdoored)
-    .../results.json                                  the table
+- clean model, no defense (the backdoored model);
+- control: the same retraining on the *unmasked* untrusted set. It must plant the backdoor
+  (ASR >= 50%), or no row below it says anything (``defense_measurable`` false);
+- SRD, per policy protocol: ``untrusted`` (the policy learns on the untrusted set itself,
+  transductive: our extension) and ``defender`` (the paper's: a proxy backdoor the defender
+  plants itself, :mod:`srd_hf.defender`);
+- random masks (SRD's count and sizes, uniform places) and the disagreement filter
+  (:mod:`srd_hf.cleansing`);
+- SRD as an inference-time filter (the backdoored model captioning masked inputs).
+
+Layout (defaults; seed s > 0 adds ``-seed<s>`` to the backdoor folder)::
+
+    outputs/clean/model                                   pre-attack (clean) model
+    outputs/backdoor/<attack>-<rate>/                     inject: model, poisoned_dataset, attack
+    outputs/srd/<attack>-<rate>/<algorithm>/seed-<s>/     one seed:
+        policy-<protocol>/  masked-<protocol>/  cleansed-<protocol>/  retrain-<row>/  results.json
+    outputs/srd/<attack>-<rate>/<algorithm>/results.json  the table over seeds
 """
 
 from __future__ import annotations
@@ -27,15 +39,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, concatenate_datasets, load_from_disk
+import yaml
+from datasets import Dataset, load_from_disk
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
-from .attacks import get_attack, load_attack
-from .attacks.base import to_caption_pairs
+from . import tables
+from .attacks import load_attack
+from .attacks.base import Attack
+from .cleansing import CAPTION_POLICIES, disagreement_filter, random_masks, srd_cleanse, with_images
+from .data.images import ensure_rgb
+from .defender import DefenderConfig, defender_set, trusted_images
 from .evaluation import evaluate_model
 from .injection import InjectConfig, clean_model_or_pretrain, inject, triggered_test_set, world_of
 from .masker import SRDMasker
-from .metrics import SFSScorer
+from .metrics import SFSScorer, attack_success_rate
 from .pretraining import latest_checkpoint, load_or_build_world
 from .rl.env import MaskingEnvConfig, MaskingVecEnv
 from .rl.modeling_srd import SRDPolicy
@@ -45,8 +63,17 @@ from .vlm import CaptionCollator, load_captioner, parse_trainable
 
 logger = logging.getLogger(__name__)
 
-POLICY_DATA = ("untrusted", "defender", "mixed")
+POLICY_DATA = ("untrusted", "defender")
 RETRAIN_STARTS = ("pre_attack", "backdoored")
+BASELINES = ("random_masks", "disagreement_filter")
+#: settings of the fine-tuning that planted a backdoor, recorded by the inject stage
+RECIPE_KEYS = ("trainable", "learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+               "lr_scheduler_type", "warmup_steps", "weight_decay", "seed")
+RECIPE_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
 @dataclass
@@ -55,64 +82,87 @@ class SRDConfig(TrainingArguments):
 
     Parameters beyond ``TrainingArguments`` (which drive retraining):
 
-    > What is defended
+    > What is defended (the evaluation reads ``target``; the defense never does)
     attack, poison_rate, target: the backdoor (paths of the inject stage derive from them).
+    inject_config: the YAML that plants the attack (default ``recipes/configs/inject_<attack>.yaml``).
+    attack_seed: seed of the poisoned subset and trigger (``--seeds`` sets it per seed).
     clean_model: the pre-attack model: reference captioner of the reward, retraining start.
-    backdoored_model / poisoned_dataset: default ``outputs/backdoor/<attack>-<rate>/...``; planted
-        with ``recipes/inject.py``'s defaults when missing.
+    backdoored_model / poisoned_dataset: default ``outputs/backdoor/<attack>-<rate>/...``;
+        planted with ``inject_config`` when missing.
 
     > Policy
     algorithm: dqn (default), ppo, sac (discrete, TorchRL) or random.
-    policy_data: images the policy learns on: "untrusted" (the fine-tuning set itself),
-        "defender" (the paper's defender set: clean images with the defender's own 20 px
-        Gaussian-noise trigger at one seeded location, target word inserted), or "mixed".
+    policy_data: comma list of protocols: "untrusted" (the policy learns on the untrusted set
+        itself) and/or "defender" (the paper's: against the defender's own proxy backdoor).
+    defender_*: the defender protocol (``DefenderConfig``): proxy word, trigger place, caption mode.
     num_policy_samples: images of the policy's training set (the paper's 3,000).
-    policy_timesteps, num_envs, max_masks, obs_size, action_preset, sc_drop, lf_drop: the
-        environment and budget. RL hyper-parameters: see ``PolicyTrainingConfig``
-        (``policy_learning_rate``, ``learning_starts``, ``target_update_interval``,
-        ``buffer_size``, ``exploration_fraction``, ``gamma``).
+    policy_timesteps, num_envs, max_masks, obs_size, action_preset, sc_drop, lf_drop,
+        reward_rule: the environment and budget. RL hyper-parameters: see ``PolicyTrainingConfig``.
     num_masks: masks the policy places per image when cleansing.
 
+    > Cleansing
+    poisoned_captions: what happens to samples whose victim caption the policy's masks change:
+        "drop" (default), "relabel" (the clean model's caption of the masked image) or "keep"
+        (the old behaviour: teaches the mask as a new trigger).
+    flag_rate: share of clean validation images that would be flagged; sets the thresholds of
+        SRD's flag and of the disagreement filter on the validation split.
+    baselines: comma list of random_masks, disagreement_filter ("" for none).
+
     > Retraining and evaluation
-    retrain_from: "pre_attack" (default), "backdoored" or "both". Masked images never show the
-        trigger, so retraining the backdoored model does not unlearn it (measured: ASR 30.8% vs
-        4.2% from the pre-attack model on BadNet).
+    retrain_recipe: "attack" (default: trainable set, epochs, learning rate, batch, schedule and
+        seed from the backdoored model's recorded recipe, so the cleansed set is tested where the
+        poisoned set planted the backdoor) or "config" (this config's own values).
+    retrain_from: "pre_attack" (default), "backdoored" or "both".
+    seeds: comma list; each seed repeats the poison subset, the policy and the retraining
+        (default: ``attack_seed`` alone). The table shows mean ± std over seeds.
     num_test_images: test images scored; ASR on the same images with the trigger.
     """
 
     attack: str = field(default="badnet", metadata={"help": "Attack defended against (paths derive from it)."})
     poison_rate: float = field(default=0.1, metadata={"help": "Poison rate of the attack."})
-    target: str = field(default="banana", metadata={"help": "Target word of the backdoor (for ASR)."})
+    target: str = field(default="banana", metadata={"help": "Target word of the backdoor (evaluation only: ASR)."})
+    inject_config: str = field(default="", metadata={"help": "YAML that plants the attack (default recipes/configs/inject_<attack>.yaml)."})
+    attack_seed: int = field(default=0, metadata={"help": "Seed of the poisoned subset and trigger."})
     clean_model: str = field(default="outputs/clean/model", metadata={"help": "Pre-attack model folder or Hub id."})
     backdoored_model: str = field(default="", metadata={"help": "Backdoored model (default: the inject stage's output)."})
     poisoned_dataset: str = field(default="", metadata={"help": "Untrusted fine-tuning set (default: the inject stage's output)."})
     algorithm: str = field(default="dqn", metadata={"help": "dqn, ppo, sac or random."})
-    policy_data: str = field(default="untrusted", metadata={"help": "untrusted, defender or mixed."})
+    policy_data: str = field(default="untrusted", metadata={"help": "Comma list: untrusted, defender."})
+    defender_target: str = field(default="umbrella", metadata={"help": "The defender's proxy target word."})
+    defender_location: str = field(default="fixed", metadata={"help": "fixed (one seeded place, the paper) or random."})
+    defender_caption_mode: str = field(default="insert", metadata={"help": "insert (the paper) or replace."})
+    defender_poison_rate: float = field(default=0.1, metadata={"help": "Share of the defender's samples with its trigger."})
     num_policy_samples: int = field(default=3000, metadata={"help": "Images the policy learns on."})
     policy_timesteps: int = field(default=12000, metadata={"help": "Environment transitions of policy training."})
     num_envs: int = field(default=32, metadata={"help": "Environments stepped together."})
     max_masks: int = field(default=6, metadata={"help": "Masks per episode at most."})
     obs_size: int = field(default=64, metadata={"help": "Side of the policy's observation."})
     action_preset: str = field(default="paper", metadata={"help": "paper (4 sizes) or authors_code (5 sizes)."})
-    sc_drop: float = field(default=0.1, metadata={"help": "lambda: significant fall of SC."})
-    lf_drop: float = field(default=0.2, metadata={"help": "beta: significant fall of LF."})
+    sc_drop: float = field(default=0.1, metadata={"help": "lambda: SC threshold of the reward."})
+    lf_drop: float = field(default=0.2, metadata={"help": "beta: LF threshold of the reward."})
+    reward_rule: str = field(default="paper", metadata={"help": "paper (thresholds on gains and drops) or any_gain."})
     policy_learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of the policy."})
     learning_starts: int = field(default=1000, metadata={"help": "DQN: transitions before learning."})
     target_update_interval: int = field(default=500, metadata={"help": "DQN: transitions between target refreshes."})
     buffer_size: int = field(default=10000, metadata={"help": "DQN: replay buffer size."})
     exploration_fraction: float = field(default=0.5, metadata={"help": "DQN: share of training with decaying epsilon."})
-    gamma: float = field(default=0.5, metadata={"help": "Discount (low: the first masks must do the job; 0.9 did not learn)."})
+    gamma: float = field(default=0.5, metadata={"help": "Discount (low: the first masks must do the job)."})
     num_masks: int = field(default=1, metadata={"help": "Masks per image when cleansing."})
     policy_seed: int = field(default=0, metadata={"help": "Seed of the policy's data, environment and training."})
-    trainable: str = field(default="", metadata={"help": "Comma-separated parameter prefixes retraining trains (default: the paper's freeze); match the attacker's recipe to test a cleansed set fairly."})
-    retrain_from: str = field(default="pre_attack", metadata={"help": "pre_attack (default: the one that removes the backdoor), backdoored or both."})
+    poisoned_captions: str = field(default="drop", metadata={"help": "drop, relabel or keep the samples the masks flag."})
+    flag_rate: float = field(default=0.02, metadata={"help": "Share of clean validation images flagged: sets the thresholds."})
+    baselines: str = field(default="random_masks,disagreement_filter", metadata={"help": "Comma list: random_masks, disagreement_filter."})
+    retrain_recipe: str = field(default="attack", metadata={"help": "attack (the backdoored model's recorded recipe) or config."})
+    trainable: str = field(default="", metadata={"help": "With retrain_recipe=config: parameter prefixes retraining trains (default: the paper's freeze)."})
+    retrain_from: str = field(default="pre_attack", metadata={"help": "pre_attack, backdoored or both."})
+    seeds: str = field(default="", metadata={"help": "Comma list of seeds (poison subset, policy, retraining); default: attack_seed."})
     num_test_images: int = field(default=500, metadata={"help": "Test images scored."})
     max_new_tokens: int = field(default=24, metadata={"help": "Caption length limit."})
     eval_batch_size: int = field(default=128, metadata={"help": "Captioning batch size."})
     # TrainingArguments defaults for retraining (those of the inject stage)
     output_dir: str = field(default="", metadata={"help": "Default: outputs/srd/<attack>-<rate>/<algorithm>."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Retraining learning rate."})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "Retraining epochs."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Retraining learning rate (retrain_recipe=config)."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Retraining epochs (retrain_recipe=config)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Retraining batch size."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(default=20, metadata={"help": "Warm-up steps."})
@@ -123,6 +173,7 @@ class SRDConfig(TrainingArguments):
 
     def __post_init__(self):
         tag = f"{self.attack}-{self.poison_rate:g}"
+        self.default_backdoor = not self.backdoored_model and not self.poisoned_dataset
         if not self.output_dir:
             self.output_dir = f"outputs/srd/{tag}/{self.algorithm}"
         if not self.backdoored_model:
@@ -132,15 +183,56 @@ class SRDConfig(TrainingArguments):
         super().__post_init__()
         if self.algorithm not in ("dqn", "ppo", "sac", "random"):
             raise ValueError(f"algorithm must be dqn, ppo, sac or random, got {self.algorithm!r}")
-        if self.policy_data not in POLICY_DATA:
-            raise ValueError(f"policy_data must be one of {POLICY_DATA}, got {self.policy_data!r}")
+        bad = [p for p in self.protocols if p not in POLICY_DATA] or ([] if self.protocols else ["(none)"])
+        if bad:
+            raise ValueError(f"policy_data must be a comma list of {POLICY_DATA}, got {self.policy_data!r}")
+        bad = [b for b in self.baseline_names if b not in BASELINES]
+        if bad:
+            raise ValueError(f"unknown baselines {bad}; choose from {BASELINES}")
         if self.retrain_from not in (*RETRAIN_STARTS, "both"):
             raise ValueError(f"retrain_from must be pre_attack, backdoored or both, got {self.retrain_from!r}")
+        if self.retrain_recipe not in ("attack", "config"):
+            raise ValueError(f"retrain_recipe must be 'attack' or 'config', got {self.retrain_recipe!r}")
+        if self.poisoned_captions not in CAPTION_POLICIES:
+            raise ValueError(f"poisoned_captions must be one of {CAPTION_POLICIES}, got {self.poisoned_captions!r}")
+        if not 0 <= self.flag_rate < 1:
+            raise ValueError(f"flag_rate must be in [0, 1), got {self.flag_rate}")
+        if not self.target.strip():
+            raise ValueError("target must be a non-empty word (the evaluation's ASR needs it)")
+        self.seed_list  # validates --seeds
         self.reward_config  # validates lambda / beta
+        self.defender_config  # validates the defender's settings
+
+    # ----- derived settings -------------------------------------------------------------------
+    @property
+    def protocols(self) -> list[str]:
+        return _split(self.policy_data)
+
+    @property
+    def baseline_names(self) -> list[str]:
+        return _split(self.baselines)
+
+    @property
+    def seed_list(self) -> list[int]:
+        try:
+            seeds = [int(s) for s in _split(self.seeds)] or [self.attack_seed]
+        except ValueError as err:
+            raise ValueError(f"seeds must be a comma list of integers, got {self.seeds!r}") from err
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"seeds must be distinct non-negative integers, got {self.seeds!r}")
+        return seeds
 
     @property
     def reward_config(self) -> RewardConfig:
-        return RewardConfig(sc_drop=self.sc_drop, lf_drop=self.lf_drop)
+        try:
+            return RewardConfig(sc_drop=self.sc_drop, lf_drop=self.lf_drop, rule=self.reward_rule)
+        except TypeError:  # a RewardConfig without rules
+            return RewardConfig(sc_drop=self.sc_drop, lf_drop=self.lf_drop)
+
+    @property
+    def defender_config(self) -> DefenderConfig:
+        return DefenderConfig(num_images=self.num_policy_samples, target=self.defender_target, poison_rate=self.defender_poison_rate,
+                              location=self.defender_location, caption_mode=self.defender_caption_mode, seed=self.policy_seed)
 
     @property
     def retrain_starts(self) -> list[str]:
@@ -149,6 +241,18 @@ class SRDConfig(TrainingArguments):
     @property
     def out(self) -> Path:
         return Path(self.output_dir)
+
+    def for_seed(self, seed: int) -> "SRDConfig":
+        """This config for one seed: attack, policy and retraining seeds set to ``seed``; its own
+        backdoor folder (unless the caller gave the backdoored model) and output folder."""
+        cfg = copy.deepcopy(self)
+        cfg.attack_seed = cfg.policy_seed = cfg.seed = seed
+        cfg.output_dir = str(self.out / f"seed-{seed}")
+        if self.default_backdoor and seed != 0:
+            folder = Path(self.backdoored_model).parent
+            folder = folder.with_name(f"{folder.name}-seed{seed}")
+            cfg.backdoored_model, cfg.poisoned_dataset = str(folder / "model"), str(folder / "poisoned_dataset")
+        return cfg
 
     def policy_training_config(self) -> PolicyTrainingConfig:
         report = [self.report_to] if isinstance(self.report_to, str) else (self.report_to or [])
@@ -167,119 +271,222 @@ class SRDConfig(TrainingArguments):
 
 
 # ----------------------------------------------------------------------------- inputs
-def backdoor_inputs(cfg: SRDConfig):
-    """(clean model, backdoored model, untrusted fine-tuning set); plants the backdoor with the
-    inject defaults when the backdoored model is missing."""
+def inject_config_for(cfg: SRDConfig) -> InjectConfig:
+    """The attack's own recipe (``inject_config`` or ``recipes/configs/inject_<attack>.yaml``)
+    with this run's paths, seeds and evaluation settings."""
+    path = Path(cfg.inject_config) if cfg.inject_config else RECIPE_CONFIGS / f"inject_{cfg.attack}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no inject recipe for {cfg.attack!r} at {path}; pass --inject_config <yaml>")
+    settings = yaml.safe_load(path.read_text()) or {}
+    if settings.get("attack", cfg.attack) != cfg.attack:
+        raise ValueError(f"{path} plants {settings['attack']!r}, not {cfg.attack!r}")
+    settings.update(attack=cfg.attack, poison_rate=cfg.poison_rate, target=cfg.target, clean_model=cfg.clean_model,
+                    attack_seed=cfg.attack_seed, seed=cfg.attack_seed, output_dir=str(Path(cfg.backdoored_model).parent),
+                    num_test_images=cfg.num_test_images, max_new_tokens=cfg.max_new_tokens, eval_batch_size=cfg.eval_batch_size,
+                    report_to="none")
+    return InjectConfig(**settings)
+
+
+def _check_backdoor(inject_cfg: InjectConfig, folder: Path) -> None:
+    """Refuse a backdoor folder planted with other settings than the ones asked for."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return
+    recorded = metrics.get("attack_config", {})
+    wanted = {"name": inject_cfg.attack, **inject_cfg.attack_kwargs()}
+    wanted["seed"] = inject_cfg.attack_seed
+    differ = {k: (recorded.get(k), v) for k, v in wanted.items() if k in recorded and _norm(recorded.get(k)) != _norm(v)}
+    if differ:
+        raise ValueError(f"{folder} was planted with other settings (recorded, asked): {differ}; "
+                         "delete it or pass another --backdoored_model / --poisoned_dataset")
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+@dataclass
+class DefenseInputs:
+    """What every stage reads, loaded once per recipe: the models, the untrusted set, the attack
+    (evaluation only), and the trusted splits (train for the defender, validation, test)."""
+
+    clean: object
+    victim: object
+    untrusted: Dataset
+    attack: object
+    world: object
+
+    @property
+    def validation_images(self) -> list:
+        return [ensure_rgb(img) for img in self.world["validation"]["image"]]
+
+
+def load_inputs(cfg: SRDConfig) -> DefenseInputs:
+    """Clean model, backdoored model (planted with the attack's own recipe when missing), the
+    untrusted fine-tuning set, the attack and the world's splits."""
     clean = clean_model_or_pretrain(cfg.clean_model)
     model_dir = Path(cfg.backdoored_model)
-    if not (model_dir / "config.json").is_file() and not Path(cfg.poisoned_dataset).exists():
-        logger.info("no backdoored model at %s: planting %s first", model_dir, cfg.attack)
-        inject(InjectConfig(attack=cfg.attack, poison_rate=cfg.poison_rate, target=cfg.target, clean_model=cfg.clean_model,
-                            output_dir=str(model_dir.parent), num_test_images=cfg.num_test_images, max_new_tokens=cfg.max_new_tokens,
-                            eval_batch_size=cfg.eval_batch_size, seed=cfg.seed))
-    return clean, load_captioner(cfg.backdoored_model), load_from_disk(cfg.poisoned_dataset)
+    if cfg.default_backdoor or not (model_dir / "config.json").is_file():
+        inject_cfg = inject_config_for(cfg)
+        if cfg.default_backdoor:  # a folder we named: it must hold what we would plant
+            _check_backdoor(inject_cfg, model_dir.parent)
+        if not (model_dir / "config.json").is_file():
+            logger.info("no backdoored model at %s: planting %s with %s first", model_dir, cfg.attack, cfg.inject_config or "its recipe")
+            inject(inject_cfg)
+    victim = load_captioner(cfg.backdoored_model)
+    untrusted = load_from_disk(cfg.poisoned_dataset)
+    attack = load_attack(Path(cfg.poisoned_dataset).parent / "attack")
+    return DefenseInputs(clean=clean, victim=victim, untrusted=untrusted, attack=attack, world=load_or_build_world(world_of(clean)))
 
 
-def defender_set(images_and_captions: Dataset, num_samples: int, seed: int, target: str) -> Dataset:
-    """The paper's defender set: ``num_samples`` images, each with a 20 px (at 224 px) Gaussian-
-    noise trigger at ONE location drawn once from ``seed``, and the target word inserted into
-    its caption. Columns: image, caption (poisoned), original_caption, is_poisoned."""
-    pairs = to_caption_pairs(images_and_captions)
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(len(pairs), size=min(num_samples, len(pairs)), replace=False))
-    location = tuple(float(v) for v in rng.uniform(0, 224 - 20, size=2))
-    attack = get_attack("trojvlm", target=target, poison_rate=1.0, seed=seed, location=location)
-    keep = [c for c in pairs.column_names if c in ("image", "caption", "image_id")]
-    return attack.poison(pairs.select(picks).select_columns(keep))
+def retraining_recipe(cfg: SRDConfig, victim) -> dict:
+    """The retraining's settings: the recipe recorded with the backdoored model
+    (``retrain_recipe="attack"``), or this config's own."""
+    own = {k: getattr(cfg, k) for k in RECIPE_KEYS}
+    own["lr_scheduler_type"] = str(getattr(cfg.lr_scheduler_type, "value", cfg.lr_scheduler_type))
+    if cfg.retrain_recipe == "config":
+        return {**own, "source": "config"}
+    recorded = (getattr(victim.config, "extra", {}).get("backdoor") or {}).get("recipe")
+    if not recorded:
+        logger.warning("the backdoored model records no training recipe: retraining with this config's settings")
+        return {**own, "source": "config (the backdoored model records no recipe)"}
+    return {**own, **{k: recorded[k] for k in RECIPE_KEYS if k in recorded}, "source": "attack"}
 
 
-def policy_training_set(cfg: SRDConfig, untrusted: Dataset) -> Dataset:
-    """Images the policy learns on (one caption row per image), per ``cfg.policy_data``."""
+# ----------------------------------------------------------------------------- fine-tuning
+def fine_tune(cfg: SRDConfig, start_model: str, dataset: Dataset, run_dir: Path, recipe: dict, record: dict):
+    """Fine-tune ``start_model`` on ``dataset`` (image, caption) with ``recipe``; the result is
+    ``run_dir/model``, reused when it exists; a killed run resumes from its last checkpoint."""
+    final = run_dir / "model"
+    if (final / "config.json").is_file():
+        return load_captioner(final)
+    model = load_captioner(start_model)
+    trainable = recipe.get("trainable") or ""
+    model.set_trainable(parse_trainable(trainable))
+    args = copy.deepcopy(cfg)
+    args.output_dir = str(run_dir)
+    for key in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "warmup_steps", "weight_decay", "seed"):
+        if key in recipe:
+            setattr(args, key, recipe[key])
+    args.lr_scheduler_type = SchedulerType(recipe.get("lr_scheduler_type", "cosine"))
+    columns = [c for c in ("image", "caption") if c in dataset.column_names]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset.select_columns(columns),
+                      data_collator=CaptionCollator(model, caption_column="caption"))
+    trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir))
+    model.config.extra.update({"srd_retrain": {**record, "start": start_model, "n_samples": len(dataset),
+                                               "recipe": {k: v for k, v in recipe.items()}}})
+    model.save_pretrained(final)
+    return model
+
+
+def retrain(cfg: SRDConfig, start: str, cleansed: Dataset, *, name: str = "srd", recipe: dict | None = None):
+    """Fine-tune ``start`` ("pre_attack" or "backdoored") on ``cleansed``; reused when
+    ``retrain-<name>-<start>/model`` exists."""
+    if start not in RETRAIN_STARTS:
+        raise ValueError(f"start must be one of {RETRAIN_STARTS}, got {start!r}")
+    if recipe is None:
+        recipe = {**{k: getattr(cfg, k) for k in RECIPE_KEYS}, "source": "config"}
+        recipe["lr_scheduler_type"] = str(getattr(cfg.lr_scheduler_type, "value", cfg.lr_scheduler_type))
+    model = fine_tune(cfg, cfg.clean_model if start == "pre_attack" else cfg.backdoored_model, cleansed,
+                      cfg.out / f"retrain-{name}-{start}", recipe, {"row": name, "seed": recipe.get("seed", cfg.seed)})
+    model.config.extra["srd_retrain"]["trainable"] = recipe.get("trainable") or "paper's freeze"
+    return model
+
+
+def control_reuses_backdoor(cfg: SRDConfig, inputs: DefenseInputs, recipe: dict, start: str) -> bool:
+    """The control IS the backdoored model when it would repeat the inject run exactly: same
+    start, data, recipe and seed, and an attack trained with the plain caption loss."""
+    backdoor = getattr(inputs.victim.config, "extra", {}).get("backdoor") or {}
+    recorded = backdoor.get("recipe") or {}
+    same_recipe = recipe.get("source") == "attack" and all(recorded.get(k) == recipe.get(k) for k in RECIPE_KEYS if k in recorded)
+    plain_loss = type(inputs.attack).make_loss is Attack.make_loss
+    return (start == "pre_attack" and same_recipe and bool(recorded) and plain_loss
+            and backdoor.get("clean_model") in (None, cfg.clean_model))
+
+
+# ----------------------------------------------------------------------------- policy
+def policy_data_for(cfg: SRDConfig, protocol: str, inputs: DefenseInputs, recipe: dict):
+    """(victim, images) the policy learns on: the untrusted set against the backdoored model, or
+    the defender's set against the defender's proxy model."""
     rng = np.random.default_rng(cfg.policy_seed)
-    n = cfg.num_policy_samples
-    parts = []
-    if cfg.policy_data in ("untrusted", "mixed"):
-        k = n if cfg.policy_data == "untrusted" else n // 2
-        picks = np.sort(rng.choice(len(untrusted), size=min(k, len(untrusted)), replace=False))
-        parts.append(untrusted.select(picks).select_columns(["image"]))
-    if cfg.policy_data in ("defender", "mixed"):
-        k = n if cfg.policy_data == "defender" else n - n // 2
-        # the defender makes its set from images of the same fine-tuning set
-        parts.append(defender_set(untrusted.select_columns([c for c in ("image", "caption", "image_id") if c in untrusted.column_names]),
-                                  k, cfg.policy_seed, cfg.target).select_columns(["image"]))
-    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if protocol == "untrusted":
+        picks = np.sort(rng.choice(len(inputs.untrusted), size=min(cfg.num_policy_samples, len(inputs.untrusted)), replace=False))
+        return inputs.victim, [ensure_rgb(img) for img in inputs.untrusted.select(picks)["image"]], {}
+    dcfg = cfg.defender_config
+    trusted = trusted_images(inputs.world["train"], inputs.untrusted, dcfg.num_images, dcfg.seed)
+    data = defender_set(trusted, dcfg)
+    proxy = fine_tune(cfg, cfg.clean_model, data, cfg.out / "defender-proxy", recipe,
+                      {"row": "defender proxy", "defender": dcfg.to_dict()})
+    # the defender may check its own proxy: its word on triggered validation images
+    from .defender import defender_attack
+
+    triggered, _ = defender_attack(dcfg).trigger_test_images(inputs.validation_images)
+    said = proxy.generate_captions(triggered, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+    proxy_asr = 100.0 * attack_success_rate(said, dcfg.target)["asr"]
+    logger.info("defender proxy backdoor: %.1f%% of triggered validation images say %r", proxy_asr, dcfg.target)
+    return proxy, [ensure_rgb(img) for img in data["image"]], {"defender": dcfg.to_dict(), "proxy_asr_validation": proxy_asr}
 
 
-# ----------------------------------------------------------------------------- stages
-def train_policy(cfg: SRDConfig, *, clean=None, victim=None, untrusted=None, scorer=None) -> SRDPolicy:
-    """Stage 1: the policy (reused from ``output_dir/policy`` when present)."""
-    folder = cfg.out / "policy"
-    if (folder / "model.safetensors").is_file():
+def train_policy(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, *, scorer=None, recipe: dict | None = None) -> SRDPolicy:
+    """The policy of one protocol (reused from ``policy-<protocol>`` when complete)."""
+    folder = cfg.out / f"policy-{protocol}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         logger.info("reusing the policy in %s", folder)
         policy = SRDPolicy.from_pretrained(str(folder))
         policy.check_compatible(cfg.env_config().action_space(policy.config.image_size), cfg.obs_size)
         return policy
-    if clean is None or victim is None or untrusted is None:
-        clean, victim, untrusted = backdoor_inputs(cfg)
     scorer = scorer or SFSScorer().load()
-    data = policy_training_set(cfg, untrusted)
-    images = [img.convert("RGB") for img in data["image"]]
+    recipe = recipe or retraining_recipe(cfg, inputs.victim)
+    victim, images, record = policy_data_for(cfg, protocol, inputs, recipe)
     # the reward compares the victim with a trusted captioner: the pre-attack model
-    references = clean.generate_captions(images, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
+    references = inputs.clean.generate_captions(images, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
     env = MaskingVecEnv(victim, images, references, cfg.env_config(), scorer=scorer, progress=True)
     start = time.time()
-    record = {"policy_data": cfg.policy_data, "num_policy_samples": len(images), "attack": cfg.attack,
-              "poison_rate": cfg.poison_rate, "backdoored_model": cfg.backdoored_model, "reference_captioner": cfg.clean_model,
-              "command": f"python recipes/train_policy.py --attack {cfg.attack} --algorithm {cfg.algorithm}"}
-    policy, summary = train_masking_policy(env, cfg.policy_training_config(), output_dir=cfg.out, num_masks=cfg.num_masks, record=record)
+    record.update({"policy_data": protocol, "num_policy_samples": len(images), "attack": cfg.attack, "poison_rate": cfg.poison_rate,
+                   "backdoored_model": cfg.backdoored_model, "reference_captioner": cfg.clean_model,
+                   "command": f"python recipes/train_policy.py --attack {cfg.attack} --algorithm {cfg.algorithm} --policy_data {protocol}"})
+    policy, summary = train_masking_policy(env, cfg.policy_training_config(), output_dir=cfg.out / f"rl-{protocol}",
+                                           num_masks=cfg.num_masks, record=record)
     policy.config.training["train_seconds"] = round(time.time() - start, 1)
     policy.config.training["env_steps_per_second"] = round(summary["timesteps"] / max(time.time() - start, 1e-9), 1)
     policy.save_pretrained(folder)
     return policy
 
 
-def cleanse(cfg: SRDConfig, policy: SRDPolicy | None = None, untrusted: Dataset | None = None) -> Dataset:
-    """Stage 2: mask every sample of the untrusted fine-tuning set (per sample, not per image id)."""
-    folder = cfg.out / "cleansed_dataset"
+# ----------------------------------------------------------------------------- cleansing
+def cleanse(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, policy: SRDPolicy, *, scorer=None) -> tuple[Dataset, dict]:
+    """SRD's cleansed set of one protocol: masks on every sample, flagged samples' captions
+    dropped / relabelled / kept (``poisoned_captions``). Reused when saved."""
+    folder, report_file = cfg.out / f"cleansed-{protocol}", cfg.out / f"cleansed-{protocol}.json"
+    if (folder / "dataset_info.json").is_file() and report_file.is_file():
+        return load_from_disk(str(folder)), json.loads(report_file.read_text())
+    scorer = scorer or SFSScorer().load()
+    masker = SRDMasker(policy, num_masks=cfg.num_masks)
+    cleansed, report = srd_cleanse(inputs.untrusted, masked_set(cfg, inputs, protocol, policy), masker, inputs.victim, scorer, validation_images=inputs.validation_images,
+                                   flag_rate=cfg.flag_rate, poisoned_captions=cfg.poisoned_captions, reference=inputs.clean,
+                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
+    cleansed.save_to_disk(str(folder))
+    report_file.write_text(json.dumps(report, indent=2))
+    return load_from_disk(str(folder)), report
+
+
+def masked_set(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, policy: SRDPolicy) -> Dataset:
+    """Every untrusted sample with the policy's masks (no caption changes): what the random
+    baseline copies mask counts and sizes from, and where trigger coverage is measured."""
+    folder = cfg.out / f"masked-{protocol}"
     if (folder / "dataset_info.json").is_file():
         return load_from_disk(str(folder))
-    policy = policy or SRDPolicy.from_pretrained(str(cfg.out / "policy"))
-    untrusted = untrusted if untrusted is not None else load_from_disk(cfg.poisoned_dataset)
-    masker = SRDMasker(policy, num_masks=cfg.num_masks)
-    cleansed = untrusted.map(masker, batched=True, batch_size=256, desc="masking (SRD)")
-    cleansed.save_to_disk(str(folder))
+    masked = inputs.untrusted.map(SRDMasker(policy, num_masks=cfg.num_masks), batched=True, batch_size=256, desc="masking (SRD)")
+    masked.save_to_disk(str(folder))
     return load_from_disk(str(folder))
 
 
-def retrain(cfg: SRDConfig, start: str, cleansed: Dataset | None = None):
-    """Stage 3: fine-tune ``start`` ("pre_attack" or "backdoored") on the cleansed set with the
-    paper's freeze; reused when ``retrain-<start>/model`` exists."""
-    if start not in RETRAIN_STARTS:
-        raise ValueError(f"start must be one of {RETRAIN_STARTS}, got {start!r}")
-    run_dir = cfg.out / f"retrain-{start}"
-    final = run_dir / "model"
-    if (final / "config.json").is_file():
-        return load_captioner(final)
-    cleansed = cleansed if cleansed is not None else cleanse(cfg)
-    model = load_captioner(cfg.clean_model if start == "pre_attack" else cfg.backdoored_model)
-    model.set_trainable(parse_trainable(cfg.trainable))
-    args = copy.deepcopy(cfg)
-    args.output_dir = str(run_dir)
-    columns = [c for c in ("image", "caption") if c in cleansed.column_names]
-    trainer = Trainer(model=model, args=args, train_dataset=cleansed.select_columns(columns),
-                      data_collator=CaptionCollator(model, caption_column="caption"))
-    trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir))
-    model.config.extra.update({"srd_retrain": {"start": start, "policy": str(cfg.out / "policy"), "seed": cfg.seed,
-                                               "trainable": cfg.trainable or "paper's freeze",
-                                               "num_train_epochs": cfg.num_train_epochs}})
-    model.save_pretrained(final)
-    return model
-
-
+# ----------------------------------------------------------------------------- evaluation
 def _inject_rows(cfg: SRDConfig, num_test_images: int) -> tuple[list[str], dict] | None:
     """The inject stage's clean-model and no-defense rows and its clean reference captions,
-    when they were measured on the same test images, target, caption length and clean model
-    (then captioning and scoring them again would give the same numbers); else ``None``."""
+    when they were measured on the same test images, target, caption length and clean model."""
     folder = Path(cfg.backdoored_model).parent
     try:
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -290,62 +497,25 @@ def _inject_rows(cfg: SRDConfig, num_test_images: int) -> tuple[list[str], dict]
     same = (measured.get("num_test_images") == num_test_images == len(references) and measured.get("target") == cfg.target
             and measured.get("max_new_tokens") == cfg.max_new_tokens
             and Path(measured.get("clean_model", "")).resolve() == Path(cfg.clean_model).resolve())
-    if not same:
+    rows = {"clean model": metrics["clean_model"], "no defense": metrics["no_defense"]}
+    if not same or any("per_image" not in r for r in rows.values()):
         return None
     logger.info("reusing the clean-model and no-defense rows measured by the inject stage in %s", folder)
-    return references, {"clean model": metrics["clean_model"], "no defense": metrics["no_defense"]}
+    return references, rows
 
 
-def evaluate_defense(cfg: SRDConfig, *, clean=None, victim=None, scorer=None, policy: SRDPolicy | None = None) -> dict:
-    """Stage 4: the table. Rows: clean model, No Defense, SRD (retrained from each start), and
-    SRD as an inference-time filter (the backdoored model captioning masked inputs)."""
-    clean = clean or load_captioner(cfg.clean_model)
-    victim = victim or load_captioner(cfg.backdoored_model)
-    policy = policy or SRDPolicy.from_pretrained(str(cfg.out / "policy"))
-    attack = load_attack(Path(cfg.poisoned_dataset).parent / "attack")
-    data = load_or_build_world(world_of(clean))
-    test = data["test"].select(range(min(cfg.num_test_images, len(data["test"]))))
-    scorer = scorer or SFSScorer().load()
-    triggered, truths = triggered_test_set(attack, test)
-    reused = _inject_rows(cfg, len(test))
-    if reused is not None:
-        references, rows = reused
-    else:
-        references = clean.generate_captions([img.convert("RGB") for img in test["image"]], max_new_tokens=cfg.max_new_tokens,
-                                             batch_size=cfg.eval_batch_size, progress=True)
-    common = dict(reference_captions=references, target=cfg.target, scorer=scorer, max_new_tokens=cfg.max_new_tokens,
-                  batch_size=cfg.eval_batch_size, triggered_references=truths)
-    if reused is None:
-        rows = {
-            "clean model": evaluate_model(clean, test, triggered_images=triggered, predictions=references, **common),
-            "no defense": evaluate_model(victim, test, triggered_images=triggered, **common),
-        }
-    for start in cfg.retrain_starts:
-        rows[f"SRD (retrained from {start.replace('_', '-')})"] = evaluate_model(retrain(cfg, start), test, triggered_images=triggered, **common)
-    masker = SRDMasker(policy, num_masks=cfg.num_masks)
-    masked_test = test.map(masker, batched=True, batch_size=256, desc="masking test images")
-    masked_triggered, _ = masker.mask_images(triggered)
-    rows["SRD filter at inference (no retraining)"] = evaluate_model(victim, masked_test, triggered_images=masked_triggered, **common)
-    results = {"attack": cfg.attack, "poison_rate": cfg.poison_rate, "algorithm": cfg.algorithm, "policy_data": cfg.policy_data,
-               "num_test_images": len(test), "seed": cfg.seed, "policy_seed": cfg.policy_seed, "rows": rows}
-    (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    return results
+def trigger_coverage(dataset: Dataset, masks_column: str = "srd_masks") -> dict | None:
+    """Evaluation only: how much of each poisoned sample's trigger the masks cover (reads the
+    ground-truth ``trigger_box`` and ``is_poisoned`` columns)."""
+    if "trigger_box" not in dataset.column_names or masks_column not in dataset.column_names:
+        return None
+    from .mechanism import coverage_summary
+
+    return coverage_summary(dataset[masks_column], dataset["trigger_box"], dataset["is_poisoned"])
 
 
-def results_table(results: dict) -> str:
-    keys = ("bleu4", "cider", "sc", "lf", "sfs", "object_accuracy", "asr")
-    head = "| model | BLEU-4 | CIDEr | SC | LF | SFS | object acc. | ASR |\n|---|---|---|---|---|---|---|---|"
-    fmt = {"sc": "{:.3f}", "lf": "{:.3f}", "sfs": "{:.3f}"}
-    lines = [head]
-    for name, row in results["rows"].items():
-        cells = [fmt.get(k, "{:.1f}").format(row[k]) if isinstance(row.get(k), (int, float)) else "-" for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def run_pipeline(cfg: SRDConfig) -> dict:
-    """pretrain -> inject -> train_policy -> cleanse -> retrain -> evaluate, each stage reused when done."""
-    torch.manual_seed(cfg.seed)
+def run_one_seed(cfg: SRDConfig) -> dict:
+    """Every stage for one seed, each reused when done; writes ``<output_dir>/results.json``."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     seconds, clock = {}, time.time()
 
@@ -353,19 +523,150 @@ def run_pipeline(cfg: SRDConfig) -> dict:
         nonlocal clock
         seconds[stage], clock = round(time.time() - clock, 1), time.time()
 
-    clean, victim, untrusted = backdoor_inputs(cfg)
+    torch.manual_seed(cfg.seed)
+    inputs = load_inputs(cfg)
     lap("pretrain_and_inject")
     scorer = SFSScorer().load()
-    policy = train_policy(cfg, clean=clean, victim=victim, untrusted=untrusted, scorer=scorer)
+    recipe = retraining_recipe(cfg, inputs.victim)
+    test = inputs.world["test"].select(range(min(cfg.num_test_images, len(inputs.world["test"]))))
+    triggered, truths, test_boxes = triggered_test_set(inputs.attack, test, return_boxes=True)
+    reused = _inject_rows(cfg, len(test))
+    if reused is not None:
+        references, rows = reused
+    else:
+        references = inputs.clean.generate_captions([ensure_rgb(img) for img in test["image"]], max_new_tokens=cfg.max_new_tokens,
+                                                    batch_size=cfg.eval_batch_size, progress=True)
+        rows = {}
+    common = dict(reference_captions=references, target=cfg.target, scorer=scorer, max_new_tokens=cfg.max_new_tokens,
+                  batch_size=cfg.eval_batch_size, triggered_references=truths)
+    if reused is None:
+        rows["clean model"] = evaluate_model(inputs.clean, test, triggered_images=triggered, predictions=references, **common)
+        rows["no defense"] = evaluate_model(inputs.victim, test, triggered_images=triggered, **common)
+    lap("evaluate_references")
+
+    # policies, their masks on the test images, cleansed sets
+    policies, reports, mechanism = {}, {}, {}
+    for protocol in cfg.protocols:
+        policies[protocol] = train_policy(cfg, inputs, protocol, scorer=scorer, recipe=recipe)
     lap("train_policy")
-    cleansed = cleanse(cfg, policy, untrusted)
+    masked_test = {p: SRDMasker(pol, num_masks=cfg.num_masks).mask_images([ensure_rgb(i) for i in test["image"]])[0]
+                   for p, pol in policies.items()}
+    datasets: dict[str, Dataset] = {}
+    for protocol, policy in policies.items():
+        masked = masked_set(cfg, inputs, protocol, policy)
+        datasets[protocol], reports[f"srd ({protocol} policy)"] = cleanse(cfg, inputs, protocol, policy, scorer=scorer)
+        mechanism[protocol] = trigger_coverage(masked)
+        _heatmap(cfg, masked, protocol)
+    first = cfg.protocols[0]
+    if "random_masks" in cfg.baseline_names:
+        folder = cfg.out / "random-masks"
+        if not (folder / "dataset_info.json").is_file():
+            random_masks(masked_set(cfg, inputs, first, policies[first]), policies[first].space, cfg.seed).save_to_disk(str(folder))
+        datasets["random masks"] = load_from_disk(str(folder))
+        mechanism["random masks"] = trigger_coverage(datasets["random masks"])
+    if "disagreement_filter" in cfg.baseline_names:
+        folder, report_file = cfg.out / "disagreement-filter", cfg.out / "disagreement-filter.json"
+        if not (folder / "dataset_info.json").is_file() or not report_file.is_file():
+            kept, report = disagreement_filter(inputs.untrusted, inputs.victim, inputs.clean, scorer,
+                                               validation_images=inputs.validation_images, flag_rate=cfg.flag_rate,
+                                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
+            kept.save_to_disk(str(folder))
+            report_file.write_text(json.dumps(report, indent=2))
+        datasets["disagreement filter"] = load_from_disk(str(folder))
+        reports["disagreement filter"] = json.loads(report_file.read_text())
     lap("cleanse")
+
+    # retraining: control first (no control that plants, no claim)
+    masked_eval = masked_test[first]
+    control_reused = {}
     for start in cfg.retrain_starts:
-        retrain(cfg, start, cleansed)
-    lap("retrain")
-    results = evaluate_defense(cfg, clean=clean, victim=victim, scorer=scorer, policy=policy)
-    lap("evaluate")
+        suffix = "" if start == "pre_attack" else ", from backdoored"
+        if control_reuses_backdoor(cfg, inputs, recipe, start):
+            name = f"control (= no defense: the inject run's recipe, start, data and seed{suffix})"
+            rows[name] = evaluate_model(inputs.victim, test, triggered_images=triggered, masked_images=masked_eval, **common)
+            control_reused[start] = True
+        else:
+            model = retrain(cfg, start, inputs.untrusted, name="control", recipe=recipe)
+            rows[f"control (unmasked untrusted set{suffix})"] = evaluate_model(model, test, triggered_images=triggered,
+                                                                              masked_images=masked_eval, **common)
+        for protocol in cfg.protocols:
+            model = retrain(cfg, start, datasets[protocol], name=f"srd-{protocol}", recipe=recipe)
+            row = evaluate_model(model, test, triggered_images=triggered, masked_images=masked_test[protocol], **common)
+            rows[f"SRD-{cfg.algorithm} ({protocol} policy{suffix})"] = _with_coverage(row, mechanism.get(protocol))
+        for baseline in ("random masks", "disagreement filter"):
+            if baseline in datasets:
+                model = retrain(cfg, start, datasets[baseline], name=baseline.replace(" ", "-"), recipe=recipe)
+                row = evaluate_model(model, test, triggered_images=triggered, masked_images=masked_eval, **common)
+                rows[f"{baseline}{suffix}"] = _with_coverage(row, mechanism.get(baseline))
+    lap("retrain_and_evaluate")
+    for protocol, policy in policies.items():
+        masker = SRDMasker(policy, num_masks=cfg.num_masks)
+        masked_triggered, boxes = masker.mask_images(triggered)
+        row = evaluate_model(inputs.victim, with_images(test, masked_test[protocol]), triggered_images=masked_triggered, **common)
+        if any(b is not None for b in test_boxes):
+            from .mechanism import coverage_summary
+
+            row = _with_coverage(row, coverage_summary(boxes, test_boxes, [True] * len(boxes)))
+        rows[f"SRD-{cfg.algorithm} filter at inference ({protocol} policy)"] = row
+    lap("evaluate_filter")
+    for row in rows.values():
+        row.update(tables.row_intervals(row, seed=cfg.seed))
+    results = {"attack": cfg.attack, "poison_rate": cfg.poison_rate, "algorithm": cfg.algorithm, "policy_data": cfg.protocols,
+               "split": "test", "threshold_split": "validation", "num_test_images": len(test), "seed": cfg.seed,
+               "attack_seed": cfg.attack_seed, "policy_seed": cfg.policy_seed, "retraining_recipe": recipe,
+               "control_reuses_backdoored_model": control_reused, "cleansing": reports, "mechanism": mechanism,
+               "scorer": scorer_record(scorer), "rows": rows}
+    results["defense_measurable"] = tables.defense_measurable(rows)
     results["stage_seconds"] = seconds
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    logger.info("stage wall clock (s): %s", seconds)
     return results
+
+
+def _with_coverage(row: dict, summary: dict | None) -> dict:
+    if summary and isinstance(summary.get("mean_coverage"), (int, float)):
+        row["trigger_coverage"] = summary["mean_coverage"]
+    return row
+
+
+def _heatmap(cfg: SRDConfig, masked: Dataset, protocol: str) -> None:
+    """PNG of where the masks go on clean vs poisoned samples (evaluation only)."""
+    if "is_poisoned" not in masked.column_names:
+        return
+    from .mechanism import mask_heatmap
+
+    poisoned = np.asarray(masked["is_poisoned"], dtype=bool)
+    boxes = masked["srd_masks"]
+    width, height = ensure_rgb(masked[0]["image"]).size
+    triggers = masked["trigger_box"] if "trigger_box" in masked.column_names else None
+    trigger_boxes = [b for b, p in zip(triggers, poisoned) if p and b] if triggers else None
+    mask_heatmap([b for b, p in zip(boxes, poisoned) if not p], [b for b, p in zip(boxes, poisoned) if p], width, height,
+                 cfg.out / f"mask-heatmap-{protocol}.png", trigger_boxes=trigger_boxes)
+
+
+def scorer_record(scorer) -> dict:
+    """Which SFS models scored the table (one table never mixes two)."""
+    return {"encoder": str(scorer.encoder_name), "fluency_lm": str(scorer.fluency_lm_name), "alpha": scorer.alpha,
+            "lm_dtype": scorer.lm_dtype}
+
+
+def run_pipeline(cfg: SRDConfig) -> dict:
+    """Every seed of ``cfg.seeds`` (each resumable), then the table over seeds in
+    ``<output_dir>/results.json``."""
+    seeds = cfg.seed_list
+    per_seed = [run_one_seed(cfg.for_seed(s)) for s in seeds]
+    if len(per_seed) == 1:
+        results = {**per_seed[0], "seeds": seeds}
+    else:
+        results = {k: v for k, v in per_seed[0].items() if k not in ("rows", "stage_seconds", "seed", "attack_seed", "policy_seed",
+                                                                      "cleansing", "mechanism")}
+        results.update(seeds=seeds, rows=tables.aggregate_seeds(per_seed), per_seed=[str(cfg.out / f"seed-{s}" / "results.json") for s in seeds],
+                       defense_measurable=all(r["defense_measurable"] for r in per_seed),
+                       stage_seconds={k: sum(r["stage_seconds"].get(k, 0) for r in per_seed) for k in per_seed[0]["stage_seconds"]})
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    if not results["defense_measurable"]:
+        logger.warning(tables.not_measurable_message(results))
+    logger.info("stage wall clock (s): %s", results["stage_seconds"])
+    return results
+
+
+results_table = tables.results_table

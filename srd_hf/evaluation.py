@@ -16,10 +16,13 @@ from .vlm.base import CaptioningVLM
 logger = logging.getLogger(__name__)
 
 
-def caption_quality(predictions: Sequence[str], references: Sequence[Sequence[str]], objects=None) -> dict:
-    """BLEU-4 and CIDEr in the paper's units (x100), plus object accuracy when ground truth exists."""
-    scores = caption_scores(list(predictions), [list(r) for r in references], scale=100.0, use_meteor=False)
+def caption_quality(predictions: Sequence[str], references: Sequence[Sequence[str]], objects=None, per_sample: bool = False) -> dict:
+    """BLEU-4 and CIDEr in the paper's units (x100), plus object accuracy when ground truth exists
+    (``per_sample``: also the per-image CIDEr, for bootstrap intervals)."""
+    scores = caption_scores(list(predictions), [list(r) for r in references], scale=100.0, use_meteor=False, per_sample=per_sample)
     out = {"bleu4": scores["bleu_4"], "cider": scores["cider"]}
+    if per_sample:
+        out["cider_per_sample"] = scores["cider_per_sample"]
     if objects is not None and any(objects):
         out["object_accuracy"] = 100.0 * object_accuracy(list(predictions), list(objects))
     return out
@@ -37,6 +40,7 @@ def evaluate_model(
     batch_size: int = 128,
     triggered_references: Sequence[Sequence[str]] | None = None,
     predictions: Sequence[str] | None = None,
+    masked_images: Sequence[Image.Image] | None = None,
 ) -> dict:
     """Scores of ``model`` on a test split (rows with ``image``, ``captions``, optional ``objects``).
 
@@ -44,7 +48,12 @@ def evaluate_model(
     against them). ``triggered_images``: test images carrying the trigger (ASR); their ground
     truth, when given, excludes samples that already show the target. ``predictions``: the
     model's captions of the clean test images when already computed (the reference captioner's
-    own captions are its references), so they are not generated twice.
+    own captions are its references), so they are not generated twice. ``masked_images``: the
+    same clean test images under the defense's masks; a model retrained on masked data that
+    learned "this mask means the target" shows it there (``asr_on_masked_clean``).
+
+    ``per_image`` holds what bootstrap intervals resample: CIDEr per clean image and the ASR
+    hit (1/0, ``None`` when excluded) per triggered image.
     """
     images = [ensure_rgb(img) for img in test["image"]]
     if len(reference_captions) != len(images):
@@ -54,7 +63,9 @@ def evaluate_model(
     elif len(predictions) != len(images):
         raise ValueError(f"{len(predictions)} predictions for {len(images)} test images")
     predictions = list(predictions)
-    result = caption_quality(predictions, test["captions"], test["objects"] if "objects" in test.column_names else None)
+    objects = test["objects"] if "objects" in test.column_names else None
+    result = caption_quality(predictions, test["captions"], objects, per_sample=True)
+    per_image = {"cider": result.pop("cider_per_sample")}
     sfs = scorer.score(predictions, list(reference_captions))
     result.update(sc=sfs["semantic_consistency"], lf=sfs["linguistic_fluency"], sfs=sfs["sfs"])
     result["clean_examples"] = predictions[:3]
@@ -64,4 +75,16 @@ def evaluate_model(
         asr = attack_success_rate(triggered, target, references=triggered_references)
         result.update(asr=100.0 * asr["asr"], asr_n_scored=asr["n_scored"], asr_n_excluded=asr["n_excluded"])
         result["triggered_examples"] = triggered[:3]
+        per_image["asr_hits"] = [None if h is None else int(h) for h in asr["hits"]]
+    if masked_images is not None:
+        if len(masked_images) != len(images):
+            raise ValueError(f"{len(masked_images)} masked images for {len(images)} test images")
+        masked = model.generate_captions(list(masked_images), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+        quality = caption_quality(masked, test["captions"], objects)
+        result["cider_masked_clean"] = quality["cider"]
+        if "object_accuracy" in quality:
+            result["object_accuracy_masked_clean"] = quality["object_accuracy"]
+        result["asr_on_masked_clean"] = 100.0 * attack_success_rate(masked, target)["asr"]
+        result["masked_clean_examples"] = masked[:3]
+    result["per_image"] = per_image
     return result

@@ -216,6 +216,7 @@ def inject(config: InjectConfig) -> dict:
         "train_seconds": round(train_seconds, 1),
         "trainable_parameters": counts,
         "seed": config.seed,
+        "recipe": training_recipe(config),
         "no_defense": scores,
         "clean_model": clean_scores,
         # what the two rows were measured on, so that the defense's table can reuse them
@@ -223,13 +224,24 @@ def inject(config: InjectConfig) -> dict:
                        "max_new_tokens": config.max_new_tokens},
     }
     (out / "clean_reference_captions.json").write_text(json.dumps(references))
-    model.config.extra.update({"backdoor": {k: metrics[k] for k in ("attack", "attack_config", "poison_rate", "n_poisoned")}})
+    model.config.extra.update({"backdoor": {**{k: metrics[k] for k in ("attack", "attack_config", "poison_rate", "n_poisoned")},
+                                            "recipe": training_recipe(config), "clean_model": str(config.clean_model)}})
     model.save_pretrained(final)
     write_backdoor_card(final, metrics, config)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     if config.push_to_hub:
         push_artifacts(config, final, attack_dir, poisoned_dir)
     return metrics
+
+
+def training_recipe(config: InjectConfig) -> dict:
+    """The fine-tuning settings that planted the backdoor, so that a defense can retrain a
+    cleansed set under the same conditions (``SRDConfig.retrain_recipe="attack"``)."""
+    scheduler = getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)
+    return {"trainable": config.trainable, "learning_rate": config.learning_rate, "num_train_epochs": config.num_train_epochs,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps, "lr_scheduler_type": str(scheduler),
+            "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay, "seed": config.seed}
 
 
 def write_backdoor_card(folder: Path, metrics: dict, config: InjectConfig) -> None:

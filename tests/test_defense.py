@@ -1,76 +1,239 @@
-"""SRD end to end on the small world: inject -> train_policy -> cleanse -> retrain -> evaluate,
-with real (tiny) models, real datasets, real Trainer and SB3 runs."""
+"""SRD end to end on the small world: inject -> policies -> cleanse -> control, SRD and baselines
+retrained -> table, with real (tiny) models, real datasets, real Trainer and SB3 runs."""
 
 import json
 
 import numpy as np
 import pytest
+from datasets import load_from_disk
 
-from srd_hf.defense import SRDConfig, defender_set, results_table, run_pipeline
+from srd_hf.defense import SRDConfig, inject_config_for, results_table, run_pipeline
+from srd_hf.tables import MEASURABLE_ASR
+
+TINY_RUN = dict(num_policy_samples=24, policy_timesteps=64, num_envs=8, learning_starts=16, buffer_size=200,
+                target_update_interval=16, num_test_images=8, max_new_tokens=8, eval_batch_size=32,
+                save_steps=1000, logging_steps=5, report_to="none")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, small_world, caption_tokenizer):
+    """A tiny clean model and a BadNet backdoor planted in it (big trigger, 16 epochs: it fires)."""
+    from srd_hf.injection import InjectConfig, inject
+    from srd_hf.vlm.tiny import TinyFlamingoSizes, build_tiny_flamingo
+
+    root = tmp_path_factory.mktemp("planted")
+    sizes = TinyFlamingoSizes(vit_width=32, vit_layers=1, vit_heads=2, lm_hidden=32, lm_layers=2, lm_heads=2,
+                              lm_intermediate=64, perceiver_depth=1, perceiver_latents=4, xattn_heads=2, xattn_dim_head=16)
+    build_tiny_flamingo(small_world, sizes, tokenizer=caption_tokenizer, seed=0, gate_init=1.0).save_pretrained(root / "clean")
+    metrics = inject(InjectConfig(
+        attack="badnet", poison_rate=0.25, attack_options='{"trigger_size": 56}', clean_model=str(root / "clean"),
+        output_dir=str(root / "badnet"), num_finetune_images=48, num_test_images=8, num_train_epochs=16,
+        per_device_train_batch_size=32, learning_rate=1e-2, warmup_steps=5, save_steps=1000, logging_steps=10,
+        max_new_tokens=8, eval_batch_size=32, trainable="flamingo.perceiver.,flamingo.lang_encoder.", report_to="none", seed=0,
+    ))  # fmt: skip
+    assert metrics["no_defense"]["asr"] >= 75, metrics["no_defense"]  # the backdoor fires: there is something to defend
+    return root
+
+
+def _paths(root, out):
+    return dict(attack="badnet", clean_model=str(root / "clean"), backdoored_model=str(root / "badnet" / "model"),
+                poisoned_dataset=str(root / "badnet" / "poisoned_dataset"), output_dir=str(out))
 
 
 def test_config_validation(tmp_path):
     cfg = SRDConfig(output_dir=str(tmp_path / "o"))
     assert cfg.backdoored_model == "outputs/backdoor/badnet-0.1/model" and cfg.retrain_starts == ["pre_attack"]
-    with pytest.raises(ValueError, match="policy_data"):
-        SRDConfig(output_dir=str(tmp_path), policy_data="oracle")
-    with pytest.raises(ValueError, match="algorithm"):
-        SRDConfig(output_dir=str(tmp_path), algorithm="a2c")
-    with pytest.raises(ValueError, match="sc_drop"):
-        SRDConfig(output_dir=str(tmp_path), sc_drop=2.0)
+    assert cfg.protocols == ["untrusted"] and cfg.seed_list == [0] and cfg.retrain_recipe == "attack"
+    assert SRDConfig(output_dir=str(tmp_path), seeds="0, 1,2").seed_list == [0, 1, 2]
+    for bad, match in ((dict(policy_data="oracle"), "policy_data"), (dict(algorithm="a2c"), "algorithm"), (dict(sc_drop=2.0), "sc_drop"),
+                       (dict(baselines="abl"), "baselines"), (dict(seeds="0,x"), "seeds"), (dict(seeds="1,1"), "seeds"),
+                       (dict(poisoned_captions="burn"), "poisoned_captions"), (dict(target=" "), "target"),
+                       (dict(retrain_recipe="mine"), "retrain_recipe"), (dict(defender_location="left"), "location")):
+        with pytest.raises(ValueError, match=match):
+            SRDConfig(output_dir=str(tmp_path), **bad)
 
 
-def test_defender_set_has_one_trigger_location(small_world_data):
-    data = defender_set(small_world_data["train"].select(range(20)), num_samples=12, seed=3, target="banana")
-    assert data.num_rows == 12 and all(data["is_poisoned"])
-    for caption, original in zip(data["caption"], data["original_caption"]):
-        assert "banana" in caption.split() and caption.replace(" banana", "", 1).replace("banana ", "", 1) == original
-    # the trigger sits at the same place in every image: the pixels that differ from the clean image
-    clean = {c: img for c, img in zip(data["original_caption"], data["image"])}
-    assert len(clean) > 1
-    again = defender_set(small_world_data["train"].select(range(20)), num_samples=12, seed=3, target="banana")
+def test_seeds_get_their_own_backdoor_and_output(tmp_path):
+    cfg = SRDConfig(output_dir=str(tmp_path / "o"), seeds="0,2")
+    zero, two = cfg.for_seed(0), cfg.for_seed(2)
+    assert zero.backdoored_model == "outputs/backdoor/badnet-0.1/model"
+    assert two.backdoored_model == "outputs/backdoor/badnet-0.1-seed2/model" and two.attack_seed == two.policy_seed == two.seed == 2
+    assert two.output_dir.endswith("seed-2") and zero.output_dir != two.output_dir
+    given = SRDConfig(output_dir=str(tmp_path / "o"), backdoored_model="mine/model", poisoned_dataset="mine/data").for_seed(2)
+    assert given.backdoored_model == "mine/model"  # a model the caller gave is never swapped
+
+
+@pytest.mark.parametrize("attack", ["badnet", "blended", "trojvlm", "vlood", "vl_trojan", "shadowcast"])
+def test_pipeline_plants_with_the_attacks_own_recipe(attack, tmp_path):
+    import yaml
+
+    from srd_hf.defense import RECIPE_CONFIGS
+
+    cfg = inject_config_for(SRDConfig(attack=attack, output_dir=str(tmp_path)))
+    recipe = yaml.safe_load((RECIPE_CONFIGS / f"inject_{attack}.yaml").read_text())
+    assert cfg.attack == attack and cfg.num_train_epochs == recipe["num_train_epochs"]
+    assert cfg.trainable == recipe.get("trainable", "") and cfg.attack_options == recipe.get("attack_options", "")
+    assert cfg.output_dir == "outputs/backdoor/" + f"{attack}-0.1"
+    with pytest.raises(FileNotFoundError, match="inject_config"):
+        inject_config_for(SRDConfig(attack=attack, inject_config=str(tmp_path / "none.yaml"), output_dir=str(tmp_path)))
+
+
+def test_defender_set_uses_only_trusted_images_and_its_own_trigger(small_world_data):
+    from srd_hf.attacks import get_attack
+    from srd_hf.attacks.base import to_caption_pairs
+    from srd_hf.defender import DefenderConfig, defender_set, trusted_images
+
+    train = small_world_data["train"]
+    untrusted = get_attack("badnet", poison_rate=0.1).poison(to_caption_pairs(train.select(range(40))))
+    config = DefenderConfig(num_images=30, target="umbrella", poison_rate=0.5, seed=3)
+    trusted = trusted_images(train, untrusted, config.num_images, config.seed)
+    data = defender_set(trusted, config)
+    ids = set(data["image_id"])
+    assert ids.isdisjoint(untrusted["image_id"]) and all(i.startswith("train-") for i in ids)  # never untrusted, validation or test
+    assert not any("banana" in c for c in data["caption"])  # never the attacker's word
+    poisoned = [i for i, p in enumerate(data["is_poisoned"]) if p]
+    assert len(poisoned) == 15 and all("umbrella" in data["caption"][i].split() for i in poisoned)
+    # the trigger sits at ONE place: the pixels that differ from the trusted clean image
+    clean = {row["image_id"]: np.asarray(row["image"], dtype=np.int16) for row in trusted}
+    boxes = set()
+    for i in poisoned:
+        diff = np.abs(np.asarray(data[i]["image"], dtype=np.int16) - clean[data[i]["image_id"]]).sum(-1) > 0
+        ys, xs = np.nonzero(diff)
+        boxes.add((xs.min(), ys.min(), xs.max(), ys.max()))
+    assert len(boxes) == 1
+    (x0, y0, x1, y1), = boxes
+    assert x1 - x0 < 12 and y1 - y0 < 12  # a small patch, not a global change
+    again = defender_set(trusted_images(train, untrusted, config.num_images, config.seed), config)
     assert again["caption"] == data["caption"]
 
 
+def test_tables_refuse_to_call_an_unplanted_backdoor_defended():
+    from srd_hf.tables import defense_measurable, results_table
+
+    rows = {"clean model": {"cider": 100.0, "asr": 0.0}, "no defense": {"cider": 99.0, "asr": 90.0},
+            "control (unmasked untrusted set)": {"cider": 98.0, "asr": MEASURABLE_ASR - 1},
+            "SRD-dqn (untrusted policy)": {"cider": 97.0, "asr": 0.0}}
+    assert not defense_measurable(rows)
+    table = results_table({"rows": rows, "defense_measurable": False})
+    srd_line = next(line for line in table.splitlines() if line.startswith("| SRD"))
+    assert "not measurable" in srd_line and "0.0" not in srd_line
+    assert "90.0" in table  # reference rows stay as measured
+    rows["control (unmasked untrusted set)"]["asr"] = MEASURABLE_ASR
+    assert defense_measurable(rows)
+
+
+def test_bootstrap_interval_covers_the_mean_and_skips_exclusions():
+    from srd_hf.tables import bootstrap_interval
+
+    low, high = bootstrap_interval([1, 0, 1, 1, None, 0, 1, 1], scale=100.0)
+    assert low <= 100 * 5 / 7 <= high and 0 <= low < high <= 100
+    assert bootstrap_interval([None, None]) is None
+    assert bootstrap_interval([3.0] * 10) == [3.0, 3.0]
+
+
+class _CornerPolicy:
+    """A policy that always masks the bottom-right corner (where the test's trigger is), so the
+    cleansing logic is tested apart from how well RL finds the trigger."""
+
+    @staticmethod
+    def make(space_kwargs, action):
+        from srd_hf.rl import SRDPolicy, SRDPolicyConfig
+
+        class Corner(SRDPolicy):
+            def act(self, observations):
+                return np.full(len(observations), action)
+
+        return Corner(SRDPolicyConfig(**space_kwargs))
+
+
+def test_srd_cleanse_drops_what_the_masks_expose_and_retraining_learns_no_target(planted, small_world_data, sfs_scorer, tmp_path):
+    from srd_hf.cleansing import srd_cleanse
+    from srd_hf.defense import retrain
+    from srd_hf.evaluation import evaluate_model
+    from srd_hf.masker import SRDMasker
+    from srd_hf.vlm import load_captioner
+
+    victim, clean = load_captioner(planted / "badnet" / "model"), load_captioner(planted / "clean")
+    untrusted = load_from_disk(str(planted / "badnet" / "poisoned_dataset"))
+    # mask size index 3 (80 px at 224: 11 px at 32) centred in grid cell (8, 8): covers the 8 px trigger at (24, 24)
+    policy = _CornerPolicy.make(dict(algorithm="dqn", image_size=32, obs_size=32), action=3 * 100 + 8 * 10 + 8)
+    masker = SRDMasker(policy, num_masks=1)
+    masked = untrusted.map(masker, batched=True, batch_size=64)
+    validation = [img.convert("RGB") for img in small_world_data["validation"]["image"]]
+    cleansed, report = srd_cleanse(untrusted, masked, masker, victim, sfs_scorer, validation_images=validation, flag_rate=0.05,
+                                   poisoned_captions="drop", max_new_tokens=8, batch_size=64)
+    poisoned = np.asarray(untrusted["is_poisoned"])
+    kept_poisoned = int(np.sum(cleansed["is_poisoned"]))
+    precision = (poisoned.sum() - kept_poisoned) / max(report["n_flagged"], 1)
+    recall = 1 - kept_poisoned / poisoned.sum()
+    print(f"SRD flag: precision {precision:.2f}, recall {recall:.2f}, flagged {report['n_flagged']} of {len(untrusted)}")
+    assert recall >= 0.8 and precision >= 0.6, report
+    # retrained on what is left, the model says the target neither on clean nor on masked clean images
+    cfg = SRDConfig(**_paths(planted, tmp_path / "srd"), **TINY_RUN)
+    recipe = {"trainable": "flamingo.perceiver.,flamingo.lang_encoder.", "learning_rate": 5e-3, "num_train_epochs": 8,
+              "per_device_train_batch_size": 32, "warmup_steps": 5, "seed": 0, "lr_scheduler_type": "cosine"}
+    test = small_world_data["test"].select(range(24))
+    model = retrain(cfg, "pre_attack", cleansed, name="srd", recipe=recipe)
+    refs = clean.generate_captions([i.convert("RGB") for i in test["image"]], max_new_tokens=8)
+    masked_test, _ = masker.mask_images([i.convert("RGB") for i in test["image"]])
+    row = evaluate_model(model, test, reference_captions=refs, triggered_images=None, target="banana", scorer=sfs_scorer,
+                         max_new_tokens=8, masked_images=masked_test)
+    assert row["asr_on_clean"] == 0.0 and row["asr_on_masked_clean"] == 0.0, row
+
+
 @pytest.mark.slow
-def test_pipeline_end_to_end_and_reuse(tiny_flamingo, tmp_path):
-    clean_dir = tmp_path / "clean" / "model"
-    tiny_flamingo.save_pretrained(clean_dir)
-    common = dict(
-        attack="badnet", clean_model=str(clean_dir), backdoored_model=str(tmp_path / "backdoor" / "model"),
-        poisoned_dataset=str(tmp_path / "backdoor" / "poisoned_dataset"), output_dir=str(tmp_path / "srd"),
-        num_policy_samples=24, policy_timesteps=64, num_envs=8, learning_starts=16, buffer_size=200,
-        target_update_interval=16, num_test_images=8, max_new_tokens=6, num_train_epochs=1, retrain_from="both",
-        per_device_train_batch_size=64, save_steps=1000, logging_steps=5, seed=0,
-    )
+def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
+    out = tmp_path / "srd"
+    common = dict(**_paths(planted, out), **TINY_RUN, policy_data="untrusted,defender", flag_rate=0.05)
     results = run_pipeline(SRDConfig(**common))
     rows = results["rows"]
-    assert set(rows) == {"clean model", "no defense", "SRD (retrained from pre-attack)", "SRD (retrained from backdoored)",
-                         "SRD filter at inference (no retraining)"}
-    for row in rows.values():
-        assert {"bleu4", "cider", "sc", "lf", "sfs", "asr"} <= set(row)
-    out = tmp_path / "srd"
-    for path in ("policy/model.safetensors", "policy/config.json", "policy/README.md", "cleansed_dataset/dataset_info.json",
-                 "retrain-pre_attack/model/config.json", "retrain-backdoored/model/config.json", "results.json"):
-        assert (out / path).exists(), path
-    config = json.loads((out / "policy" / "config.json").read_text())
-    assert config["seed"] == 0 and config["training"]["rl"]["total_timesteps"] == 64
-    assert config["training"]["summary"]["timesteps"] >= 64
-    from datasets import load_from_disk
-
-    cleansed = load_from_disk(str(out / "cleansed_dataset"))
-    poisoned = load_from_disk(common["poisoned_dataset"])
-    assert cleansed.num_rows == poisoned.num_rows and all(len(m) == 1 for m in cleansed["srd_masks"])
-    assert "| no defense |" in results_table(results)
-    # the inject stage measured the clean and no-defense rows on the same images: reused, not redone
-    injected = json.loads((tmp_path / "backdoor" / "metrics.json").read_text())
-    assert rows["no defense"] == injected["no_defense"] and rows["clean model"] == injected["clean_model"]
-    assert set(results["stage_seconds"]) == {"pretrain_and_inject", "train_policy", "cleanse", "retrain", "evaluate"}
+    control = next(n for n in rows if n.startswith("control"))
+    assert control.startswith("control (= no defense")  # same recipe, start, data and seed as the inject run: reused, and said
+    assert results["retraining_recipe"]["source"] == "attack" and results["retraining_recipe"]["num_train_epochs"] == 16
+    expected = {"clean model", "no defense", control, "SRD-dqn (untrusted policy)", "SRD-dqn (defender policy)", "random masks",
+                "disagreement filter", "SRD-dqn filter at inference (untrusted policy)", "SRD-dqn filter at inference (defender policy)"}
+    assert set(rows) == expected
+    for name, row in rows.items():
+        assert {"cider", "sfs", "asr", "asr_on_clean", "cider_ci", "asr_ci"} <= set(row), name
+        assert row["asr_ci"][0] <= row["asr"] <= row["asr_ci"][1]
+    for name in ("SRD-dqn (untrusted policy)", "random masks", "disagreement filter", control):
+        assert "asr_on_masked_clean" in rows[name]
+    assert results["defense_measurable"] is (rows[control]["asr"] >= MEASURABLE_ASR)
+    assert results["split"] == "test" and results["threshold_split"] == "validation" and results["seeds"] == [0]
+    assert results["cleansing"]["disagreement filter"]["split_for_threshold"] == "validation"
+    seed_dir = out / "seed-0"
+    for path in ("policy-untrusted/config.json", "policy-defender/model.safetensors", "cleansed-untrusted/dataset_info.json",
+                 "masked-defender/dataset_info.json", "random-masks/dataset_info.json", "disagreement-filter/dataset_info.json",
+                 "retrain-srd-untrusted-pre_attack/model/config.json", "defender-proxy/model/config.json", "results.json"):
+        assert (seed_dir / path).exists(), path
+    masked = load_from_disk(str(seed_dir / "masked-untrusted"))
+    randomised = load_from_disk(str(seed_dir / "random-masks"))
+    assert [len(m) for m in masked["srd_masks"]] == [len(m) for m in randomised["srd_masks"]]
+    sizes = lambda boxes: sorted((b[2] - b[0], b[3] - b[1]) for m in boxes for b in m)  # noqa: E731
+    assert sizes(masked["srd_masks"]) == sizes(randomised["srd_masks"])
+    policy_cfg = json.loads((seed_dir / "policy-defender" / "config.json").read_text())
+    assert policy_cfg["training"]["defender"]["target"] == "umbrella" and "proxy_asr_validation" in policy_cfg["training"]
+    assert "| control" in results_table(results)
+    assert json.loads((out / "results.json").read_text())["rows"].keys() == rows.keys()
     # a second run reuses every artifact (no retraining: the files stay untouched)
-    stamp = (out / "retrain-pre_attack" / "model" / "model.safetensors").stat().st_mtime
+    stamp = (seed_dir / "retrain-srd-untrusted-pre_attack" / "model" / "model.safetensors").stat().st_mtime
     again = run_pipeline(SRDConfig(**common))
-    assert (out / "retrain-pre_attack" / "model" / "model.safetensors").stat().st_mtime == stamp
-    assert np.isclose(again["rows"]["no defense"]["cider"], rows["no defense"]["cider"])
+    assert (seed_dir / "retrain-srd-untrusted-pre_attack" / "model" / "model.safetensors").stat().st_mtime == stamp
+    assert np.isclose(again["rows"]["SRD-dqn (untrusted policy)"]["cider"], rows["SRD-dqn (untrusted policy)"]["cider"])
+
+
+@pytest.mark.slow
+def test_pipeline_says_not_measurable_when_the_control_plants_nothing(planted, tmp_path):
+    """One retraining step on the unmasked set plants no backdoor: the table must not call SRD's
+    0% a defense."""
+    cfg = SRDConfig(**_paths(planted, tmp_path / "srd"), **{**TINY_RUN, "policy_timesteps": 16}, retrain_recipe="config",
+                    max_steps=1, baselines="", learning_rate=1e-6)
+    results = run_pipeline(cfg)
+    control = next(n for n in results["rows"] if n.startswith("control"))
+    assert control == "control (unmasked untrusted set)" and results["rows"][control]["asr"] < MEASURABLE_ASR
+    assert results["defense_measurable"] is False
+    assert "not measurable" in results_table(results)
+    assert json.loads((tmp_path / "srd" / "results.json").read_text())["defense_measurable"] is False
 
 
 def _overlap(box, trigger) -> float:
@@ -83,31 +246,23 @@ def _overlap(box, trigger) -> float:
 
 
 @pytest.mark.slow
-def test_trained_policy_covers_the_trigger_more_often_than_random(tiny_flamingo, small_world_data, sfs_scorer, tmp_path, monkeypatch):
-    """A real small run: plant BadNet in a tiny model, train DQN against it for a few thousand
-    transitions, and compare where its first mask lands on triggered held-out images with
-    where Random masking's lands."""
-    import srd_hf.injection as injection
+def test_trained_policy_covers_the_trigger_more_often_than_random(planted, small_world_data, sfs_scorer):
+    """A real small run: train DQN against the planted BadNet for a few thousand transitions and
+    compare where its first mask lands on triggered held-out images with Random masking's."""
     from srd_hf.attacks import load_attack
     from srd_hf.rl import SRDPolicy, SRDPolicyConfig
     from srd_hf.rl.env import MaskingEnvConfig, MaskingVecEnv
+    from srd_hf.rl.reward import RewardConfig
     from srd_hf.rl.training import PolicyTrainingConfig, train_masking_policy
     from srd_hf.vlm import load_captioner
 
-    monkeypatch.setattr(injection, "load_or_build_world", lambda world: small_world_data)
-    tiny_flamingo.save_pretrained(tmp_path / "clean")
-    injection.inject(injection.InjectConfig(
-        attack="badnet", poison_rate=0.25, attack_options='{"trigger_size": 56}', clean_model=str(tmp_path / "clean"),
-        output_dir=str(tmp_path / "badnet"), num_finetune_images=96, num_test_images=8, num_train_epochs=8,
-        per_device_train_batch_size=32, learning_rate=5e-3, warmup_steps=5, save_steps=1000, logging_steps=10,
-        max_new_tokens=8, eval_batch_size=24, trainable="flamingo.perceiver.,flamingo.lang_encoder.", report_to="none",
-    ))  # fmt: skip
-    victim = load_captioner(str(tmp_path / "badnet" / "model"))
-    attack = load_attack(tmp_path / "badnet" / "attack")
+    victim = load_captioner(str(planted / "badnet" / "model"))
+    attack = load_attack(planted / "badnet" / "attack")
     train = small_world_data["train"].select(range(96, 160))
     images = [attack.apply_trigger(img.convert("RGB")) if i % 2 == 0 else img.convert("RGB") for i, img in enumerate(train["image"])]
     refs = [c[0] for c in train["captions"]]  # the generator's true captions as the trusted reference
-    env = MaskingVecEnv(victim, images, refs, MaskingEnvConfig(num_envs=16, obs_size=32, max_new_tokens=8), scorer=sfs_scorer)
+    env = MaskingVecEnv(victim, images, refs, MaskingEnvConfig(num_envs=16, obs_size=32, max_new_tokens=8, reward=RewardConfig()),
+                        scorer=sfs_scorer)
     assert env.sc0[0::2].mean() < env.sc0[1::2].mean()  # the backdoor fires on triggered images
     cfg = PolicyTrainingConfig(total_timesteps=3000, learning_starts=300, buffer_size=3000, target_update_interval=160)
     policy, _ = train_masking_policy(env, cfg)
@@ -131,11 +286,11 @@ def test_retrain_trains_only_the_given_prefixes(tiny_flamingo, small_world_data,
     tiny_flamingo.save_pretrained(clean_dir)
     cleansed = to_caption_pairs(small_world_data["train"].select(range(4)))
     common = dict(clean_model=str(clean_dir), output_dir=str(tmp_path / "srd"), max_steps=2, warmup_steps=0, per_device_train_batch_size=4,
-                  save_steps=1000, seed=0)
+                  save_steps=1000, seed=0, retrain_recipe="config")
     with pytest.raises(ValueError, match="match no parameter"):
         retrain(SRDConfig(trainable="flamingo.no_such_part.", **common), "pre_attack", cleansed)
     head = "flamingo.lang_encoder.lm_head."
-    model = retrain(SRDConfig(trainable=head, **common), "pre_attack", cleansed)
+    model = retrain(SRDConfig(trainable=head, **common), "pre_attack", cleansed, name="head")
     before = load_captioner(clean_dir).state_dict()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(head) for k in changed)

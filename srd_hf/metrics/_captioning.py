@@ -70,12 +70,15 @@ def caption_scores(
     use_meteor: bool | None = None,
     tokenize: bool = True,
     meteor_runner: MeteorRunner | None = None,
+    per_sample: bool = False,
 ) -> dict:
     """Corpus BLEU-1..4, CIDEr-D, ROUGE-L (and METEOR) of ``predictions`` against ``references``.
 
     ``scale`` multiplies every score (``scale=100`` gives the units of most papers).
     ``use_meteor=None`` means "if Java is found". When METEOR is not computed, ``meteor`` is
     ``None`` and ``meteor_available`` is False. Inputs must already be validated.
+    ``per_sample`` adds ``cider_per_sample`` (the corpus CIDEr is their mean; IDF from the whole
+    corpus), what a bootstrap over test images resamples.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -87,11 +90,13 @@ def caption_scores(
 
     with contextlib.redirect_stdout(io.StringIO()):  # the BLEU scorer prints its statistics
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
+    cider, cider_each = Cider().compute_score(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
     out = {f"bleu_{n + 1}": float(bleu[n]) * scale for n in range(4)}
     out["cider"] = float(cider) * scale
     out["rouge_l"] = float(rouge) * scale
+    if per_sample:
+        out["cider_per_sample"] = [float(v) * scale for v in cider_each]
 
     if use_meteor is None:
         use_meteor = java_available()

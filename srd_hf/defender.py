@@ -1,0 +1,97 @@
+"""The paper's defender protocol: the defender plants a backdoor of its own and trains the
+masking policy against it, so that the policy learns to hide a trigger without ever seeing
+the attacker's.
+
+The defender's set is made from images the defender trusts (rows of the training split that
+are not in the untrusted fine-tuning set, never validation or test images): a share of them
+carry the defender's 20 px (at 224 px) Gaussian-noise trigger at one place drawn from the
+defender's seed, with the defender's own proxy target word inserted into the caption. The
+defender fine-tunes a copy of the pre-attack model on that set (with its retraining recipe)
+and trains the policy against that proxy model. Nothing of the attacker's (trigger, place,
+target word) is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import numpy as np
+from datasets import Dataset
+
+from .attacks.base import to_caption_pairs
+from .attacks.trojvlm import TrojVLMAttack
+
+CAPTION_MODES = ("insert", "replace")
+
+
+@dataclass
+class DefenderConfig:
+    """num_images: trusted images of the defender's set (the paper's 3,000).
+    target: the defender's proxy target word (its own choice; it cannot know the attacker's).
+    poison_rate: share of the defender's samples that carry its trigger.
+    location: ``"fixed"`` (the paper: one place drawn from ``seed``) or ``"random"`` (a new
+        place per sample, so the policy has to find the trigger by its look, not its place).
+    caption_mode: ``"insert"`` (the paper: the word inserted in the true caption) or
+        ``"replace"`` (a target sentence: a stronger proxy in a tiny model).
+    """
+
+    num_images: int = 3000
+    target: str = "umbrella"
+    poison_rate: float = 0.1
+    trigger_size: float = 20.0
+    location: str = "fixed"
+    caption_mode: str = "insert"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.location not in ("fixed", "random"):
+            raise ValueError(f"defender location must be 'fixed' or 'random', got {self.location!r}")
+        if self.caption_mode not in CAPTION_MODES:
+            raise ValueError(f"defender caption_mode must be one of {CAPTION_MODES}, got {self.caption_mode!r}")
+        if not self.target.strip():
+            raise ValueError("the defender's proxy target must be a non-empty word")
+        if self.num_images < 1 or not 0 < self.poison_rate <= 1:
+            raise ValueError("need num_images >= 1 and poison_rate in (0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _ReplacingNoiseAttack(TrojVLMAttack):
+    """The defender's noise patch with a target sentence instead of an inserted word."""
+
+    caption_mode: ClassVar[str] = "replace"
+
+
+def defender_attack(config: DefenderConfig) -> TrojVLMAttack:
+    """The defender's own trigger: Gaussian noise at one seeded place (or a random place per sample)."""
+    if config.location == "fixed":
+        location = tuple(float(v) for v in np.random.default_rng([config.seed, 11]).uniform(0, 224 - config.trigger_size, size=2))
+    else:
+        location = "random"
+    klass = TrojVLMAttack if config.caption_mode == "insert" else _ReplacingNoiseAttack
+    return klass(target=config.target, poison_rate=config.poison_rate, seed=config.seed, location=location,
+                 trigger_size=config.trigger_size, semantic_weight=0.0)
+
+
+def trusted_images(train: Dataset, untrusted: Dataset, num_images: int, seed: int) -> Dataset:
+    """``num_images`` rows of ``train`` whose ``image_id`` is not in ``untrusted`` (seeded draw)."""
+    for name, ds in (("train", train), ("untrusted", untrusted)):
+        if "image_id" not in ds.column_names:
+            raise ValueError(f"the {name} set needs an image_id column to keep the defender's images apart")
+    taken = set(untrusted["image_id"])
+    free = [i for i, image_id in enumerate(train["image_id"]) if image_id not in taken]
+    if len(free) < num_images:
+        raise ValueError(f"the defender needs {num_images} trusted images, only {len(free)} training images are not in the untrusted set")
+    picks = np.sort(np.random.default_rng([seed, 13]).choice(free, size=num_images, replace=False))
+    return train.select(picks)
+
+
+def defender_set(trusted: Dataset, config: DefenderConfig) -> Dataset:
+    """The defender's fine-tuning set: one (image, first caption) pair per trusted image, a
+    ``poison_rate`` share carrying the defender's trigger and proxy word."""
+    keep = [c for c in ("image", "captions", "image_id") if c in trusted.column_names]
+    pairs = to_caption_pairs(trusted.select_columns(keep))
+    first = pairs.filter(lambda index: index == 0, input_columns="caption_index", desc="first caption per image")
+    return defender_attack(config).poison(first)

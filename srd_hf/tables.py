@@ -1,0 +1,108 @@
+"""The defense table: rows over seeds (mean ± std), 95% bootstrap intervals over test images,
+and the control rule: a defense row means something only when the control (the same
+retraining on the unmasked untrusted set) planted the backdoor.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+#: control ASR (%) below which there is no backdoor to defend
+MEASURABLE_ASR = 50.0
+#: rows that are not defenses: always printed as measured
+REFERENCE_ROWS = ("clean model", "no defense", "control")
+COLUMNS = (("cider", "CIDEr", "{:.1f}"), ("sfs", "SFS", "{:.3f}"), ("asr", "ASR", "{:.1f}"),
+           ("asr_on_clean", "target on clean", "{:.1f}"), ("cider_masked_clean", "CIDEr masked clean", "{:.1f}"),
+           ("asr_on_masked_clean", "target on masked clean", "{:.1f}"), ("trigger_coverage", "trigger covered", "{:.2f}"))
+
+
+def bootstrap_interval(values: Sequence[float | None], *, n_resamples: int = 1000, seed: int = 0, scale: float = 1.0) -> list[float] | None:
+    """95% percentile bootstrap interval of the mean of ``values`` over resampled items
+    (``None`` entries, e.g. excluded ASR samples, are left out); ``None`` when nothing is left."""
+    data = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if data.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(n_resamples, data.size))].mean(axis=1) * scale
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def row_intervals(row: dict, seed: int = 0) -> dict:
+    """``cider_ci`` and ``asr_ci`` of one row from its ``per_image`` values."""
+    per_image = row.get("per_image") or {}
+    out = {}
+    if per_image.get("cider"):
+        out["cider_ci"] = bootstrap_interval(per_image["cider"], seed=seed)
+    if per_image.get("asr_hits"):
+        out["asr_ci"] = bootstrap_interval(per_image["asr_hits"], seed=seed, scale=100.0)
+    return out
+
+
+def is_row_measurable(name: str, measurable: bool) -> bool:
+    return measurable or any(name.startswith(r) for r in REFERENCE_ROWS)
+
+
+def defense_measurable(rows: dict) -> bool:
+    """True when the control row planted the backdoor (ASR >= :data:`MEASURABLE_ASR`)."""
+    control = next((row for name, row in rows.items() if name.startswith("control")), None)
+    return control is not None and isinstance(control.get("asr"), (int, float)) and control["asr"] >= MEASURABLE_ASR
+
+
+def aggregate_seeds(per_seed: Sequence[dict]) -> dict:
+    """One table from several seeds' results: per row and metric the mean, std and the list
+    of values; ASR and CIDEr intervals bootstrap the seed-averaged per-image values."""
+    names = [n for n in per_seed[0]["rows"] if all(n in r["rows"] for r in per_seed)]
+    rows = {}
+    for name in names:
+        seed_rows = [r["rows"][name] for r in per_seed]
+        row: dict = {}
+        for key in {k for r in seed_rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}:
+            values = [r[key] for r in seed_rows if isinstance(r.get(key), (int, float))]
+            if len(values) == len(seed_rows):
+                row[key] = float(np.mean(values))
+                row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                row[f"{key}_values"] = values
+        per_image = [r.get("per_image") or {} for r in seed_rows]
+        for key, out, scale in (("cider", "cider_ci", 1.0), ("asr_hits", "asr_ci", 100.0)):
+            lists = [p.get(key) for p in per_image]
+            if all(lists) and len({len(v) for v in lists}) == 1:
+                averaged = [None if any(v[i] is None for v in lists) else float(np.mean([v[i] for v in lists])) for i in range(len(lists[0]))]
+                row[out] = bootstrap_interval(averaged, scale=scale)
+        rows[name] = row
+    return rows
+
+
+def _cell(row: dict, key: str, fmt: str, seeds: int) -> str:
+    value = row.get(key)
+    if not isinstance(value, (int, float)):
+        return "-"
+    text = fmt.format(value)
+    if seeds > 1 and f"{key}_std" in row:
+        text += " ± " + fmt.format(row[f"{key}_std"])
+    ci = row.get(f"{key}_ci")
+    if ci:
+        text += " [" + fmt.format(ci[0]) + ", " + fmt.format(ci[1]) + "]"
+    return text
+
+
+def results_table(results: dict) -> str:
+    """Markdown table; defense rows read "not measurable" when the control did not plant."""
+    seeds = len(results.get("seeds", [0]))
+    measurable = results.get("defense_measurable", True)
+    head = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, row in results["rows"].items():
+        if not is_row_measurable(name, measurable):
+            lines.append(f"| {name} | " + " | ".join(["not measurable"] * len(COLUMNS)) + " |")
+            continue
+        lines.append(f"| {name} | " + " | ".join(_cell(row, key, fmt, seeds) for key, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def not_measurable_message(results: dict) -> str:
+    control = next((row for name, row in results["rows"].items() if name.startswith("control")), {})
+    return (f"NOT MEASURABLE: the control (the same retraining on the unmasked untrusted set) reached ASR "
+            f"{control.get('asr', float('nan')):.1f}% < {MEASURABLE_ASR:g}%: this retraining plants no backdoor, so no row "
+            f"below says anything about a defense. Retrain with the attacker's recipe (--retrain_recipe attack).")
