@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -49,17 +50,25 @@ def clean_quantile(scores: Sequence[float], flag_rate: float) -> float:
     return float(np.quantile(scores, flag_rate))
 
 
+#: captions already generated, per model: cleansing asks the same model about the same images
+#: more than once (SRD's flag and the disagreement filter both caption the unmasked set)
+_CAPTION_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def unique_captions(victim, images: Sequence[Image.Image], *, max_new_tokens: int, batch_size: int, progress: bool = False) -> list[str]:
-    """Captions of ``images``, generating each distinct image once (a fine-tuning set repeats
-    every image once per caption)."""
+    """Captions of ``images``, generating each distinct image once per model (a fine-tuning set
+    repeats every image once per caption)."""
     keys = [hashlib.sha1(np.asarray(ensure_rgb(img)).tobytes()).hexdigest() for img in images]
-    first: dict[str, int] = {}
+    memo = _CAPTION_MEMO.setdefault(victim, {})
+    todo: dict[str, int] = {}
     for i, k in enumerate(keys):
-        first.setdefault(k, i)
-    order = list(first.values())
-    captions = victim.generate_captions([images[i] for i in order], max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    by_key = dict(zip((keys[i] for i in order), captions))
-    return [by_key[k] for k in keys]
+        if (k, max_new_tokens) not in memo:
+            todo.setdefault(k, i)
+    if todo:
+        captions = victim.generate_captions([images[i] for i in todo.values()], max_new_tokens=max_new_tokens,
+                                            batch_size=batch_size, progress=progress)
+        memo.update({(k, max_new_tokens): c for k, c in zip(todo, captions)})
+    return [memo[(k, max_new_tokens)] for k in keys]
 
 
 def caption_agreement(scorer, captions: Sequence[str], references: Sequence[str]) -> np.ndarray:
