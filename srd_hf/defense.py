@@ -31,7 +31,9 @@ Layout (defaults; seed s > 0 adds ``-seed<s>`` to the backdoor folder)::
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import re
 import logging
 import time
 from dataclasses import dataclass, field
@@ -72,6 +74,25 @@ RECIPE_KEYS = ("trainable", "learning_rate", "num_train_epochs", "per_device_tra
 RECIPE_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
 
+def _variant(cfg) -> str:
+    """Folder-name suffix for a backdoor other than the recipe's own (another target, trigger
+    place or recipe), so that default folders of different backdoors never collide."""
+    parts = []
+    if cfg.attack_options:
+        options = json.loads(cfg.attack_options)
+        if not isinstance(options, dict):
+            raise ValueError(f"attack_options must be a JSON object, got {cfg.attack_options!r}")
+        parts += [f"{k}={v}" for k, v in sorted(options.items())]
+    if cfg.target != "banana":
+        parts.append(f"target={cfg.target}")
+    if cfg.inject_config:
+        parts.append(Path(cfg.inject_config).stem)
+    text = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "-".join(parts))
+    if len(text) > 60:
+        text = hashlib.sha1(text.encode()).hexdigest()[:12]
+    return f"-{text}" if text else ""
+
+
 def _split(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
@@ -86,6 +107,7 @@ class SRDConfig(TrainingArguments):
     attack, poison_rate, target: the backdoor (paths of the inject stage derive from them).
     inject_config: the YAML that plants the attack (default ``recipes/configs/inject_<attack>.yaml``).
     attack_seed: seed of the poisoned subset and trigger (``--seeds`` sets it per seed).
+    attack_options: JSON merged into the recipe's attack options (another trigger place...).
     clean_model: the pre-attack model: reference captioner of the reward, retraining start.
     backdoored_model / poisoned_dataset: default ``outputs/backdoor/<attack>-<rate>/...``;
         planted with ``inject_config`` when missing.
@@ -116,6 +138,8 @@ class SRDConfig(TrainingArguments):
     seeds: comma list; each seed repeats the poison subset, the policy and the retraining
         (default: ``attack_seed`` alone). The table shows mean ± std over seeds.
     num_test_images: test images scored; ASR on the same images with the trigger.
+    eval_split: "test" for the final tables; "validation" to make a choice (the thresholds always
+        come from validation images).
     """
 
     attack: str = field(default="badnet", metadata={"help": "Attack defended against (paths derive from it)."})
@@ -123,6 +147,7 @@ class SRDConfig(TrainingArguments):
     target: str = field(default="banana", metadata={"help": "Target word of the backdoor (evaluation only: ASR)."})
     inject_config: str = field(default="", metadata={"help": "YAML that plants the attack (default recipes/configs/inject_<attack>.yaml)."})
     attack_seed: int = field(default=0, metadata={"help": "Seed of the poisoned subset and trigger."})
+    attack_options: str = field(default="", metadata={"help": "JSON object merged into the recipe's attack options (e.g. '{\"location\": \"top_left\"}')."})
     clean_model: str = field(default="outputs/clean/model", metadata={"help": "Pre-attack model folder or Hub id."})
     backdoored_model: str = field(default="", metadata={"help": "Backdoored model (default: the inject stage's output)."})
     poisoned_dataset: str = field(default="", metadata={"help": "Untrusted fine-tuning set (default: the inject stage's output)."})
@@ -157,6 +182,7 @@ class SRDConfig(TrainingArguments):
     retrain_from: str = field(default="pre_attack", metadata={"help": "pre_attack, backdoored or both."})
     seeds: str = field(default="", metadata={"help": "Comma list of seeds (poison subset, policy, retraining); default: attack_seed."})
     num_test_images: int = field(default=500, metadata={"help": "Test images scored."})
+    eval_split: str = field(default="test", metadata={"help": "test (final tables) or validation (every choice is made there)."})
     max_new_tokens: int = field(default=24, metadata={"help": "Caption length limit."})
     eval_batch_size: int = field(default=128, metadata={"help": "Captioning batch size."})
     # TrainingArguments defaults for retraining (those of the inject stage)
@@ -172,7 +198,7 @@ class SRDConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False."})
 
     def __post_init__(self):
-        tag = f"{self.attack}-{self.poison_rate:g}"
+        tag = f"{self.attack}-{self.poison_rate:g}{_variant(self)}"
         self.default_backdoor = not self.backdoored_model and not self.poisoned_dataset
         if not self.output_dir:
             self.output_dir = f"outputs/srd/{tag}/{self.algorithm}"
@@ -195,6 +221,8 @@ class SRDConfig(TrainingArguments):
             raise ValueError(f"retrain_recipe must be 'attack' or 'config', got {self.retrain_recipe!r}")
         if self.poisoned_captions not in CAPTION_POLICIES:
             raise ValueError(f"poisoned_captions must be one of {CAPTION_POLICIES}, got {self.poisoned_captions!r}")
+        if self.eval_split not in ("test", "validation"):
+            raise ValueError(f"eval_split must be 'test' or 'validation', got {self.eval_split!r}")
         if not 0 <= self.flag_rate < 1:
             raise ValueError(f"flag_rate must be in [0, 1), got {self.flag_rate}")
         if not self.target.strip():
@@ -242,6 +270,11 @@ class SRDConfig(TrainingArguments):
     def out(self) -> Path:
         return Path(self.output_dir)
 
+    @property
+    def results_file(self) -> str:
+        """results.json for the test split; results-validation.json when making choices."""
+        return "results.json" if self.eval_split == "test" else f"results-{self.eval_split}.json"
+
     def for_seed(self, seed: int) -> "SRDConfig":
         """This config for one seed: attack, policy and retraining seeds set to ``seed``; its own
         backdoor folder (unless the caller gave the backdoored model) and output folder."""
@@ -280,6 +313,12 @@ def inject_config_for(cfg: SRDConfig) -> InjectConfig:
     settings = yaml.safe_load(path.read_text()) or {}
     if settings.get("attack", cfg.attack) != cfg.attack:
         raise ValueError(f"{path} plants {settings['attack']!r}, not {cfg.attack!r}")
+    if cfg.attack_options:
+        options = json.loads(settings.get("attack_options") or "{}")
+        extra = json.loads(cfg.attack_options)
+        if not isinstance(extra, dict):
+            raise ValueError(f"attack_options must be a JSON object, got {cfg.attack_options!r}")
+        settings["attack_options"] = json.dumps({**options, **extra}, sort_keys=True)
     settings.update(attack=cfg.attack, poison_rate=cfg.poison_rate, target=cfg.target, clean_model=cfg.clean_model,
                     attack_seed=cfg.attack_seed, seed=cfg.attack_seed, output_dir=str(Path(cfg.backdoored_model).parent),
                     num_test_images=cfg.num_test_images, max_new_tokens=cfg.max_new_tokens, eval_batch_size=cfg.eval_batch_size,
@@ -528,9 +567,10 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     lap("pretrain_and_inject")
     scorer = SFSScorer().load()
     recipe = retraining_recipe(cfg, inputs.victim)
-    test = inputs.world["test"].select(range(min(cfg.num_test_images, len(inputs.world["test"]))))
+    split = inputs.world[cfg.eval_split]
+    test = split.select(range(min(cfg.num_test_images, len(split))))
     triggered, truths, test_boxes = triggered_test_set(inputs.attack, test, return_boxes=True)
-    reused = _inject_rows(cfg, len(test))
+    reused = _inject_rows(cfg, len(test)) if cfg.eval_split == "test" else None
     if reused is not None:
         references, rows = reused
     else:
@@ -612,13 +652,13 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     for row in rows.values():
         row.update(tables.row_intervals(row, seed=cfg.seed))
     results = {"attack": cfg.attack, "poison_rate": cfg.poison_rate, "algorithm": cfg.algorithm, "policy_data": cfg.protocols,
-               "split": "test", "threshold_split": "validation", "num_test_images": len(test), "seed": cfg.seed,
+               "split": cfg.eval_split, "threshold_split": "validation", "num_test_images": len(test), "seed": cfg.seed,
                "attack_seed": cfg.attack_seed, "policy_seed": cfg.policy_seed, "retraining_recipe": recipe,
                "control_reuses_backdoored_model": control_reused, "cleansing": reports, "mechanism": mechanism,
                "scorer": scorer_record(scorer), "rows": rows}
     results["defense_measurable"] = tables.defense_measurable(rows)
     results["stage_seconds"] = seconds
-    (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (cfg.out / cfg.results_file).write_text(json.dumps(results, indent=2, default=float))
     return results
 
 
@@ -659,10 +699,10 @@ def run_pipeline(cfg: SRDConfig) -> dict:
     else:
         results = {k: v for k, v in per_seed[0].items() if k not in ("rows", "stage_seconds", "seed", "attack_seed", "policy_seed",
                                                                       "cleansing", "mechanism")}
-        results.update(seeds=seeds, rows=tables.aggregate_seeds(per_seed), per_seed=[str(cfg.out / f"seed-{s}" / "results.json") for s in seeds],
+        results.update(seeds=seeds, rows=tables.aggregate_seeds(per_seed), per_seed=[str(cfg.out / f"seed-{s}" / cfg.results_file) for s in seeds],
                        defense_measurable=all(r["defense_measurable"] for r in per_seed),
                        stage_seconds={k: sum(r["stage_seconds"].get(k, 0) for r in per_seed) for k in per_seed[0]["stage_seconds"]})
-    (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (cfg.out / cfg.results_file).write_text(json.dumps(results, indent=2, default=float))
     if not results["defense_measurable"]:
         logger.warning(tables.not_measurable_message(results))
     logger.info("stage wall clock (s): %s", results["stage_seconds"])

@@ -48,7 +48,8 @@ def test_config_validation(tmp_path):
     for bad, match in ((dict(policy_data="oracle"), "policy_data"), (dict(algorithm="a2c"), "algorithm"), (dict(sc_drop=2.0), "sc_drop"),
                        (dict(baselines="abl"), "baselines"), (dict(seeds="0,x"), "seeds"), (dict(seeds="1,1"), "seeds"),
                        (dict(poisoned_captions="burn"), "poisoned_captions"), (dict(target=" "), "target"),
-                       (dict(retrain_recipe="mine"), "retrain_recipe"), (dict(defender_location="left"), "location")):
+                       (dict(retrain_recipe="mine"), "retrain_recipe"), (dict(defender_location="left"), "location"),
+                       (dict(eval_split="train"), "eval_split")):
         with pytest.raises(ValueError, match=match):
             SRDConfig(output_dir=str(tmp_path), **bad)
 
@@ -76,6 +77,16 @@ def test_pipeline_plants_with_the_attacks_own_recipe(attack, tmp_path):
     assert cfg.output_dir == "outputs/backdoor/" + f"{attack}-0.1"
     with pytest.raises(FileNotFoundError, match="inject_config"):
         inject_config_for(SRDConfig(attack=attack, inject_config=str(tmp_path / "none.yaml"), output_dir=str(tmp_path)))
+
+
+def test_attack_options_and_target_give_a_backdoor_of_their_own(tmp_path):
+    cfg = SRDConfig(attack="trojvlm", attack_options='{"location": "top_left"}', target="apple", output_dir=str(tmp_path))
+    inject = inject_config_for(cfg)
+    assert inject.attack_kwargs()["location"] == "top_left" and inject.attack_kwargs()["semantic_weight"] == 0  # merged into the recipe's
+    assert inject.target == "apple" and "location=top_left" in cfg.backdoored_model and "target=apple" in cfg.backdoored_model
+    assert SRDConfig(attack="trojvlm", output_dir=str(tmp_path)).backdoored_model == "outputs/backdoor/trojvlm-0.1/model"
+    with pytest.raises(ValueError, match="JSON object"):
+        SRDConfig(attack_options="[1]", output_dir=str(tmp_path))
 
 
 def test_defender_set_uses_only_trusted_images_and_its_own_trigger(small_world_data):
