@@ -33,7 +33,7 @@ from datasets import Image as HFImage
 from PIL import Image
 
 from .data.images import ensure_rgb
-from .rl.actions import MASK_COLOUR, MaskActionSpace
+from .rl.actions import MASK_COLOUR
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +148,14 @@ def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, 
     return cleansed, report
 
 
-def random_masks(dataset: Dataset, space: MaskActionSpace, seed: int, masks_column: str = "srd_masks") -> Dataset:
-    """Each sample gets as many red squares as SRD placed on it (``masks_column``), of the same
-    sizes, at uniformly drawn places (seeded per row)."""
-    if masks_column not in dataset.column_names:
-        raise ValueError(f"random masks copy SRD's mask count and sizes from a {masks_column!r} column; columns: {dataset.column_names}")
+def random_masks(dataset: Dataset, like: Sequence[Sequence[Sequence[int]] | None], seed: int, masks_column: str = "srd_masks") -> Dataset:
+    """Each sample of ``dataset`` (unmasked) gets as many red squares as SRD placed on it
+    (``like``: SRD's boxes per row), of the same sizes, at uniformly drawn places (seeded)."""
+    if len(like) != len(dataset):
+        raise ValueError(f"{len(like)} rows of SRD masks for {len(dataset)} samples")
     rng = np.random.default_rng([seed, 7])
     images, boxes = [], []
-    for img, srd_boxes in zip(dataset["image"], dataset[masks_column]):
+    for img, srd_boxes in zip(dataset["image"], like):
         pixels = np.array(ensure_rgb(img), dtype=np.uint8)
         h, w = pixels.shape[:2]
         placed = []

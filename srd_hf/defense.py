@@ -601,7 +601,9 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     if "random_masks" in cfg.baseline_names:
         folder = cfg.out / "random-masks"
         if not (folder / "dataset_info.json").is_file():
-            random_masks(masked_set(cfg, inputs, first, policies[first]), policies[first].space, cfg.seed).save_to_disk(str(folder))
+            # SRD's mask count and sizes per sample, on the UNMASKED images, at uniform places
+            srd_boxes = masked_set(cfg, inputs, first, policies[first])["srd_masks"]
+            random_masks(inputs.untrusted, srd_boxes, cfg.seed).save_to_disk(str(folder))
         datasets["random masks"] = load_from_disk(str(folder))
         mechanism["random masks"] = trigger_coverage(datasets["random masks"])
     if "disagreement_filter" in cfg.baseline_names:
@@ -663,8 +665,8 @@ def run_one_seed(cfg: SRDConfig) -> dict:
 
 
 def _with_coverage(row: dict, summary: dict | None) -> dict:
-    if summary and isinstance(summary.get("mean_coverage"), (int, float)):
-        row["trigger_coverage"] = summary["mean_coverage"]
+    if summary and isinstance(summary.get("poisoned_mean_coverage"), (int, float)):
+        row["trigger_coverage"] = summary["poisoned_mean_coverage"]
     return row
 
 

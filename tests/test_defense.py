@@ -222,6 +222,12 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
     assert [len(m) for m in masked["srd_masks"]] == [len(m) for m in randomised["srd_masks"]]
     sizes = lambda boxes: sorted((b[2] - b[0], b[3] - b[1]) for m in boxes for b in m)  # noqa: E731
     assert sizes(masked["srd_masks"]) == sizes(randomised["srd_masks"])
+    untrusted = load_from_disk(common["poisoned_dataset"])
+    for k in range(0, len(untrusted), 17):  # random masks go on the UNMASKED images: nothing of SRD's masks is left
+        expected = np.array(untrusted[k]["image"].convert("RGB"))
+        for x0, y0, x1, y1 in randomised[k]["srd_masks"]:
+            expected[y0:y1, x0:x1] = (255, 0, 0)
+        assert np.array_equal(np.asarray(randomised[k]["image"].convert("RGB")), expected), k
     policy_cfg = json.loads((seed_dir / "policy-defender" / "config.json").read_text())
     assert policy_cfg["training"]["defender"]["target"] == "umbrella" and "proxy_asr_validation" in policy_cfg["training"]
     assert "| control" in results_table(results)
