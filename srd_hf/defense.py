@@ -4,8 +4,10 @@ score the defense beside a control and two baselines.
 
 ``SRDConfig`` extends ``transformers.TrainingArguments`` (the retraining loop) with the
 defense's settings; the recipes (train_policy, cleanse, retrain, evaluate) share it, so one
-YAML describes a whole defense. Each stage writes an artifact under ``output_dir`` and is
-skipped when that artifact exists, so a killed pipeline resumes where it stopped.
+YAML describes a whole defense. Each stage writes an artifact under ``output_dir``, whole or
+not at all, stamped with the settings that shaped it (:mod:`srd_hf.artifacts`): reused when
+complete with the same settings, so a killed pipeline resumes where it stopped; found with
+other settings, the run stops and names them (``--overwrite_output_dir`` starts over).
 
 The rows of the table (all retrained rows use one retraining recipe and start):
 
@@ -563,7 +565,7 @@ def run_one_seed(cfg: SRDConfig) -> dict:
         masked = masked_set(cfg, inputs, protocol, policy)
         datasets[protocol], reports[f"srd ({protocol} policy)"] = cleanse(cfg, inputs, protocol, policy, scorer=scorer)
         mechanism[protocol] = trigger_coverage(masked)
-        _heatmap(cfg, masked, protocol)
+        on_main(lambda: _heatmap(cfg, masked, protocol))
     first = cfg.protocols[0]
     if "random_masks" in cfg.baseline_names:
         masked_first = masked_set(cfg, inputs, first, policies[first])
