@@ -25,6 +25,8 @@ from srd_hf.tables import not_measurable_message
 
 def main(config: SRDConfig) -> dict:
     results = run_pipeline(config)
+    if not is_main():  # one table, one push
+        return results
     seeds = results["seeds"]
     print(f"\nSRD: {config.attack} at {config.poison_rate:g}, policy {config.algorithm} ({', '.join(results['policy_data'])}), "
           f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))} ({results['num_test_images']} test images; "
@@ -34,7 +36,7 @@ def main(config: SRDConfig) -> dict:
     print(results_table(results))
     print("\nwall clock per stage (s): " + ", ".join(f"{k} {v:g}" for k, v in results["stage_seconds"].items()))
     print(f"\nresults: {config.output_dir}/results.json")
-    if config.push_to_hub and is_main():  # after the run: the policies, private unless asked
+    if config.push_to_hub:  # after the run: the policies, private unless asked
         try:
             execute(policy_upload_plan(config), config.hub_token, saved_in=config.output_dir)
         except RuntimeError as err:

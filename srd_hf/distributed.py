@@ -8,26 +8,37 @@ cards and results are written by the main process only. Without a launcher these
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
 
+def _cpu_only() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Launched on N CPU processes (torchrun), TrainingArguments builds a data-parallel (gloo) state
+# only when asked for the CPU: without this every rank would train alone and all would write.
+if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _cpu_only():
+    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def _state():
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=_cpu_only())
 
 
 def num_processes() -> int:
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:
-    return num_processes() == 1 or _state().is_main_process
+    return num_processes() == 1 or int(os.environ.get("RANK", "0")) == 0
 
 
 def per_device_batch(global_batch: int) -> int:

@@ -1,4 +1,4 @@
-"""``accelerate launch --num_processes 2 --cpu`` (gloo) of the small pipeline: one writer, the
+"""A 2-process CPU run (torchrun, gloo through accelerate's state) of the small pipeline: one writer, the
 same table as one process, no temporary folders left."""
 
 import json
@@ -18,9 +18,10 @@ SCRIPT = """
 import json, sys
 from srd_hf.defense import SRDConfig, run_pipeline
 from srd_hf.distributed import is_main, num_processes
+from accelerate import PartialState
 results = run_pipeline(SRDConfig(**json.loads(sys.argv[1])))
 if is_main():
-    print("PROCESSES", num_processes())
+    print("PROCESSES", num_processes(), PartialState().distributed_type)
 """
 
 
@@ -40,11 +41,11 @@ def test_two_processes_give_the_one_process_table(tmp_path, small_world, caption
     (tmp_path / "run.py").write_text(SCRIPT)
     kwargs = json.dumps({**_defense_kwargs(tmp_path, tmp_path / "two"), **common})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "run.py"), kwargs]
+    # torchrun: `accelerate launch --cpu --num_processes 2` starts one process on a CPU-only machine
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "run.py"), kwargs]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("PROCESSES 2") == 1  # a real 2-process run, one main
+    assert proc.stdout.count("PROCESSES 2 DistributedType.MULTI_CPU") == 1  # a real data-parallel run, one main
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert not [p for p in (tmp_path / "two").rglob("*") if STAGING_TAG in p.name]
     assert two["rows"].keys() == one["rows"].keys()
