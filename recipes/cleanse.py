@@ -13,9 +13,12 @@ import logging
 from trl import TrlParser
 
 from srd_hf.defense import SRDConfig, cleanse, load_inputs, train_policy
+from srd_hf.stages import DEFENSE_LAYOUT, overwrite
 
 
 def main(config: SRDConfig):
+    if config.overwrite_output_dir:
+        overwrite(config.out, DEFENSE_LAYOUT)
     out = {}
     for seed in config.seed_list:
         run = config.for_seed(seed)

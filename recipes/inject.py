@@ -19,7 +19,12 @@ from srd_hf.injection import InjectConfig, inject
 
 
 def main(config: InjectConfig) -> dict:
-    metrics = inject(config)
+    try:
+        metrics = inject(config)
+    except RuntimeError as err:
+        if "push to the Hub failed" not in str(err):
+            raise
+        raise SystemExit(str(err)) from None  # the run is done and saved; only the push failed
     keys = ("bleu4", "cider", "sc", "lf", "sfs", "object_accuracy", "asr")
     table = {name: {k: round(metrics[src][k], 3) for k in keys if k in metrics[src]} for name, src in (("clean", "clean_model"), ("no_defense", "no_defense"))}
     print(json.dumps({"attack": metrics["attack"], "poison_rate": metrics["poison_rate"], "model": f"{config.output_dir}/model", **table}, indent=2))

@@ -18,11 +18,15 @@ import logging
 from trl import TrlParser
 
 from srd_hf.defense import SRDConfig, results_table, run_pipeline
+from srd_hf.distributed import is_main
+from srd_hf.hub import execute, policy_upload_plan
 from srd_hf.tables import not_measurable_message
 
 
 def main(config: SRDConfig) -> dict:
     results = run_pipeline(config)
+    if not is_main():  # one table, one push
+        return results
     seeds = results["seeds"]
     print(f"\nSRD: {config.attack} at {config.poison_rate:g}, policy {config.algorithm} ({', '.join(results['policy_data'])}), "
           f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))} ({results['num_test_images']} test images; "
@@ -32,6 +36,11 @@ def main(config: SRDConfig) -> dict:
     print(results_table(results))
     print("\nwall clock per stage (s): " + ", ".join(f"{k} {v:g}" for k, v in results["stage_seconds"].items()))
     print(f"\nresults: {config.output_dir}/results.json")
+    if config.push_to_hub:  # after the run: the policies, private unless asked
+        try:
+            execute(policy_upload_plan(config), config.hub_token, saved_in=config.output_dir)
+        except RuntimeError as err:
+            raise SystemExit(str(err)) from None
     return results
 
 

@@ -14,9 +14,14 @@ import logging
 from trl import TrlParser
 
 from srd_hf.defense import SRDConfig, load_inputs, train_policy
+from srd_hf.distributed import is_main
+from srd_hf.hub import execute, policy_upload_plan
+from srd_hf.stages import DEFENSE_LAYOUT, overwrite
 
 
 def main(config: SRDConfig):
+    if config.overwrite_output_dir:
+        overwrite(config.out, DEFENSE_LAYOUT)
     policies = {}
     for seed in config.seed_list:
         run = config.for_seed(seed)
@@ -25,12 +30,11 @@ def main(config: SRDConfig):
             policy = train_policy(run, inputs, protocol)
             policies[(seed, protocol)] = policy
             print(f"policy: {run.output_dir}/policy-{protocol}  summary: {policy.config.training.get('summary')}")
-            if config.push_to_hub:
-                repo = config.hub_model_id or f"srd-policy-{config.attack}"
-                try:
-                    policy.push_to_hub(repo, token=config.hub_token, private=config.hub_private_repo)
-                except Exception as err:
-                    raise SystemExit(f"push to the Hub failed ({type(err).__name__}: {err}); the policy is saved in {run.output_dir}/policy-{protocol}")
+    if config.push_to_hub and is_main():  # after the run: everything is saved locally first
+        try:
+            execute(policy_upload_plan(config), config.hub_token, saved_in=config.output_dir)
+        except RuntimeError as err:
+            raise SystemExit(str(err)) from None
     return policies
 
 

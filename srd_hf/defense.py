@@ -4,8 +4,10 @@ score the defense beside a control and two baselines.
 
 ``SRDConfig`` extends ``transformers.TrainingArguments`` (the retraining loop) with the
 defense's settings; the recipes (train_policy, cleanse, retrain, evaluate) share it, so one
-YAML describes a whole defense. Each stage writes an artifact under ``output_dir`` and is
-skipped when that artifact exists, so a killed pipeline resumes where it stopped.
+YAML describes a whole defense. Each stage writes an artifact under ``output_dir``, whole or
+not at all, stamped with the settings that shaped it (:mod:`srd_hf.artifacts`): reused when
+complete with the same settings, so a killed pipeline resumes where it stopped; found with
+other settings, the run stops and names them (``--overwrite_output_dir`` starts over).
 
 The rows of the table (all retrained rows use one retraining recipe and start):
 
@@ -46,21 +48,24 @@ from datasets import Dataset, load_from_disk
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from . import tables
+from . import artifacts, fingerprints, tables
 from .attacks import load_attack
 from .attacks.base import Attack
 from .cleansing import CAPTION_POLICIES, disagreement_filter, random_masks, srd_cleanse, with_images
 from .data.images import ensure_rgb
 from .defender import DefenderConfig, defender_set, trusted_images
-from .evaluation import evaluate_model
+from .distributed import main_first, on_main, per_device_batch, settled
+from .evaluation import check_target, evaluate_model
 from .injection import InjectConfig, clean_model_or_pretrain, inject, triggered_test_set, world_of
 from .masker import SRDMasker
-from .metrics import SFSScorer, attack_success_rate
+from .hub import trainer_args
+from .metrics import attack_success_rate
 from .pretraining import latest_checkpoint, load_or_build_world
 from .rl.env import MaskingEnvConfig, MaskingVecEnv
 from .rl.modeling_srd import SRDPolicy
 from .rl.reward import RewardConfig
 from .rl.training import PolicyTrainingConfig, train_masking_policy
+from .stages import DEFENSE_LAYOUT, dataset_stage, overwrite, pipeline_scorer
 from .vlm import CaptionCollator, load_captioner, parse_trainable
 
 logger = logging.getLogger(__name__)
@@ -196,6 +201,10 @@ class SRDConfig(TrainingArguments):
     save_steps: float = field(default=100, metadata={"help": "Checkpoint every this many steps."})
     save_total_limit: int = field(default=1, metadata={"help": "Checkpoints kept."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over: remove this output_dir's artifacts and checkpoints."})
+    sfs_encoder: str = field(default="embedded:all-MiniLM-L6-v2", metadata={"help": "SFS sentence encoder (default: the embedded MiniLM)."})
+    sfs_fluency_lm: str = field(default="embedded:smollm2-135m", metadata={"help": "SFS fluency LM (default: the embedded SmolLM2; gpt2-large is the paper's)."})
+    hub_private_repo: bool = field(default=True, metadata={"help": "Pushed repos are private unless this is False."})
 
     def __post_init__(self):
         tag = f"{self.attack}-{self.poison_rate:g}{_variant(self)}"
@@ -322,27 +331,8 @@ def inject_config_for(cfg: SRDConfig) -> InjectConfig:
     settings.update(attack=cfg.attack, poison_rate=cfg.poison_rate, target=cfg.target, clean_model=cfg.clean_model,
                     attack_seed=cfg.attack_seed, seed=cfg.attack_seed, output_dir=str(Path(cfg.backdoored_model).parent),
                     num_test_images=cfg.num_test_images, max_new_tokens=cfg.max_new_tokens, eval_batch_size=cfg.eval_batch_size,
-                    report_to="none")
+                    report_to="none", sfs_encoder=cfg.sfs_encoder, sfs_fluency_lm=cfg.sfs_fluency_lm)
     return InjectConfig(**settings)
-
-
-def _check_backdoor(inject_cfg: InjectConfig, folder: Path) -> None:
-    """Refuse a backdoor folder planted with other settings than the ones asked for."""
-    try:
-        metrics = json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return
-    recorded = metrics.get("attack_config", {})
-    wanted = {"name": inject_cfg.attack, **inject_cfg.attack_kwargs()}
-    wanted["seed"] = inject_cfg.attack_seed
-    differ = {k: (recorded.get(k), v) for k, v in wanted.items() if k in recorded and _norm(recorded.get(k)) != _norm(v)}
-    if differ:
-        raise ValueError(f"{folder} was planted with other settings (recorded, asked): {differ}; "
-                         "delete it or pass another --backdoored_model / --poisoned_dataset")
-
-
-def _norm(value):
-    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 @dataclass
@@ -367,16 +357,16 @@ def load_inputs(cfg: SRDConfig) -> DefenseInputs:
     clean = clean_model_or_pretrain(cfg.clean_model)
     model_dir = Path(cfg.backdoored_model)
     if cfg.default_backdoor or not (model_dir / "config.json").is_file():
-        inject_cfg = inject_config_for(cfg)
-        if cfg.default_backdoor:  # a folder we named: it must hold what we would plant
-            _check_backdoor(inject_cfg, model_dir.parent)
-        if not (model_dir / "config.json").is_file():
-            logger.info("no backdoored model at %s: planting %s with %s first", model_dir, cfg.attack, cfg.inject_config or "its recipe")
-            inject(inject_cfg)
+        # a folder we named: inject reuses it when complete with the attack's settings, resumes it
+        # when torn, and stops naming the settings that differ
+        logger.info("backdoor %s: planting %s with %s (reused when done)", model_dir, cfg.attack, cfg.inject_config or "its recipe")
+        inject(inject_config_for(cfg))
     victim = load_captioner(cfg.backdoored_model)
     untrusted = load_from_disk(cfg.poisoned_dataset)
     attack = load_attack(Path(cfg.poisoned_dataset).parent / "attack")
-    return DefenseInputs(clean=clean, victim=victim, untrusted=untrusted, attack=attack, world=load_or_build_world(world_of(clean)))
+    with main_first():
+        world = load_or_build_world(world_of(clean))
+    return DefenseInputs(clean=clean, victim=victim, untrusted=untrusted, attack=attack, world=world)
 
 
 def retraining_recipe(cfg: SRDConfig, victim) -> dict:
@@ -394,12 +384,17 @@ def retraining_recipe(cfg: SRDConfig, victim) -> dict:
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def fine_tune(cfg: SRDConfig, start_model: str, dataset: Dataset, run_dir: Path, recipe: dict, record: dict):
+def fine_tune(cfg: SRDConfig, start_model: str, dataset: Dataset, run_dir: Path, recipe: dict, record: dict, *, data_key=None):
     """Fine-tune ``start_model`` on ``dataset`` (image, caption) with ``recipe``; the result is
-    ``run_dir/model``, reused when it exists; a killed run resumes from its last checkpoint."""
+    ``run_dir/model``, reused when complete with the same settings; a killed run resumes from
+    its last complete checkpoint. Data-parallel under a launcher; the main process saves."""
     final = run_dir / "model"
-    if (final / "config.json").is_file():
+    fingerprint = fingerprints.fine_tune(start_model, dataset, recipe, record, data=data_key)
+    what = f"fine-tuning ({record.get('row')})"
+    if settled(artifacts.reusable(run_dir, fingerprint, what)):
         return load_captioner(final)
+    artifacts.begin(run_dir, fingerprint, what, write=False)  # every rank refuses another run's checkpoints
+    on_main(lambda: (artifacts.clear_leftovers(run_dir), artifacts.begin(run_dir, fingerprint, what)))
     model = load_captioner(start_model)
     trainable = recipe.get("trainable") or ""
     model.set_trainable(parse_trainable(trainable))
@@ -410,13 +405,14 @@ def fine_tune(cfg: SRDConfig, start_model: str, dataset: Dataset, run_dir: Path,
         if key in recipe:
             setattr(args, key, recipe[key])
     args.lr_scheduler_type = SchedulerType(recipe.get("lr_scheduler_type", "cosine"))
+    args.per_device_train_batch_size = per_device_batch(args.per_device_train_batch_size)  # the recipe's batch is global
     columns = [c for c in ("image", "caption") if c in dataset.column_names]
-    trainer = Trainer(model=model, args=args, train_dataset=dataset.select_columns(columns),
+    trainer = Trainer(model=model, args=trainer_args(args), train_dataset=dataset.select_columns(columns),
                       data_collator=CaptionCollator(model, caption_column="caption"))
     trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir))
     model.config.extra.update({"srd_retrain": {**record, "start": start_model, "n_samples": len(dataset),
                                                "recipe": {k: v for k, v in recipe.items()}}})
-    model.save_pretrained(final)
+    on_main(lambda: (model.save_pretrained(final), artifacts.finish(run_dir, fingerprint)))
     return model
 
 
@@ -457,7 +453,8 @@ def policy_data_for(cfg: SRDConfig, protocol: str, inputs: DefenseInputs, recipe
     trusted = trusted_images(inputs.world["train"], inputs.untrusted, dcfg.num_images, dcfg.seed)
     data = defender_set(trusted, dcfg)
     proxy = fine_tune(cfg, cfg.clean_model, data, cfg.out / "defender-proxy", recipe,
-                      {"row": "defender proxy", "defender": dcfg.to_dict()})
+                      {"row": "defender proxy", "defender": dcfg.to_dict()},
+                      data_key={"defender": dcfg.to_dict(), "untrusted": fingerprints.source(cfg.poisoned_dataset)})
     # the defender may check its own proxy: its word on triggered validation images
     from .defender import defender_attack
 
@@ -469,16 +466,23 @@ def policy_data_for(cfg: SRDConfig, protocol: str, inputs: DefenseInputs, recipe
 
 
 def train_policy(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, *, scorer=None, recipe: dict | None = None) -> SRDPolicy:
-    """The policy of one protocol (reused from ``policy-<protocol>`` when complete)."""
+    """The policy of one protocol (reused from ``policy-<protocol>`` when complete with the same
+    settings). Trained once, by the main process; every rank loads it."""
     folder = cfg.out / f"policy-{protocol}"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        logger.info("reusing the policy in %s", folder)
-        policy = SRDPolicy.from_pretrained(str(folder))
-        policy.check_compatible(cfg.env_config().action_space(policy.config.image_size), cfg.obs_size)
-        return policy
-    scorer = scorer or SFSScorer().load()
+    scorer = scorer or pipeline_scorer(cfg.sfs_encoder, cfg.sfs_fluency_lm)
     recipe = recipe or retraining_recipe(cfg, inputs.victim)
-    victim, images, record = policy_data_for(cfg, protocol, inputs, recipe)
+    fingerprint = fingerprints.policy(cfg, protocol, scorer, recipe)
+    if not settled(artifacts.reusable(folder, fingerprint, f"{protocol} policy")):
+        victim, images, record = policy_data_for(cfg, protocol, inputs, recipe)  # every rank: the proxy is a Trainer stage
+        on_main(lambda: _train_policy(cfg, inputs, protocol, scorer.load(), victim, images, record, folder, fingerprint))
+    else:
+        logger.info("reusing the policy in %s", folder)
+    policy = SRDPolicy.from_pretrained(str(folder))
+    policy.check_compatible(cfg.env_config().action_space(policy.config.image_size), cfg.obs_size)
+    return policy
+
+
+def _train_policy(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, scorer, victim, images, record, folder: Path, fingerprint: dict):
     # the reward compares the victim with a trusted captioner: the pre-attack model
     references = inputs.clean.generate_captions(images, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
     env = MaskingVecEnv(victim, images, references, cfg.env_config(), scorer=scorer, progress=True)
@@ -486,12 +490,16 @@ def train_policy(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, *, scorer
     record.update({"policy_data": protocol, "num_policy_samples": len(images), "attack": cfg.attack, "poison_rate": cfg.poison_rate,
                    "backdoored_model": cfg.backdoored_model, "reference_captioner": cfg.clean_model,
                    "command": f"python recipes/train_policy.py --attack {cfg.attack} --algorithm {cfg.algorithm} --policy_data {protocol}"})
-    policy, summary = train_masking_policy(env, cfg.policy_training_config(), output_dir=cfg.out / f"rl-{protocol}",
+    rl_dir = cfg.out / f"rl-{protocol}"
+    artifacts.begin(rl_dir, fingerprint, f"{protocol} policy training")  # resume only what these settings started
+    policy, summary = train_masking_policy(env, cfg.policy_training_config(), output_dir=rl_dir,
                                            num_masks=cfg.num_masks, record=record)
     policy.config.training["train_seconds"] = round(time.time() - start, 1)
     policy.config.training["env_steps_per_second"] = round(summary["timesteps"] / max(time.time() - start, 1e-9), 1)
-    policy.save_pretrained(folder)
-    return policy
+    policy.config.training["scorer"] = fingerprints.scorer_names(scorer)
+    artifacts.clear_leftovers(folder.parent)
+    with artifacts.staged(folder, fingerprint) as tmp:
+        policy.save_pretrained(tmp)
 
 
 # ----------------------------------------------------------------------------- cleansing
@@ -499,33 +507,32 @@ def cleanse(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, policy: SRDPol
     """SRD's cleansed set of one protocol: masks on every sample, flagged samples' captions
     dropped / relabelled / kept (``poisoned_captions``). Reused when saved."""
     folder, report_file = cfg.out / f"cleansed-{protocol}", cfg.out / f"cleansed-{protocol}.json"
-    if (folder / "dataset_info.json").is_file() and report_file.is_file():
-        return load_from_disk(str(folder)), json.loads(report_file.read_text())
-    scorer = scorer or SFSScorer().load()
+    scorer = scorer or pipeline_scorer(cfg.sfs_encoder, cfg.sfs_fluency_lm)
+    masked = masked_set(cfg, inputs, protocol, policy)
     masker = SRDMasker(policy, num_masks=cfg.num_masks)
-    cleansed, report = srd_cleanse(inputs.untrusted, masked_set(cfg, inputs, protocol, policy), masker, inputs.victim, scorer, validation_images=inputs.validation_images,
-                                   flag_rate=cfg.flag_rate, poisoned_captions=cfg.poisoned_captions, reference=inputs.clean,
-                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
-    cleansed.save_to_disk(str(folder))
-    report_file.write_text(json.dumps(report, indent=2))
-    return load_from_disk(str(folder)), report
+    build = lambda: srd_cleanse(inputs.untrusted, masked, masker, inputs.victim, scorer.load(), validation_images=inputs.validation_images,  # noqa: E731
+                                flag_rate=cfg.flag_rate, poisoned_captions=cfg.poisoned_captions, reference=inputs.clean,
+                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
+    fingerprint = fingerprints.cleansed(cfg, artifacts.recorded_hash(cfg.out / f"masked-{protocol}"), scorer)
+    cleansed, report = dataset_stage(folder, fingerprint, build, f"{protocol} cleansed set")
+    on_main(lambda: artifacts.write_json(report_file, report))  # beside it too, for reading
+    return cleansed, report
 
 
 def masked_set(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, policy: SRDPolicy) -> Dataset:
     """Every untrusted sample with the policy's masks (no caption changes): what the random
     baseline copies mask counts and sizes from, and where trigger coverage is measured."""
     folder = cfg.out / f"masked-{protocol}"
-    if (folder / "dataset_info.json").is_file():
-        return load_from_disk(str(folder))
-    masked = inputs.untrusted.map(SRDMasker(policy, num_masks=cfg.num_masks), batched=True, batch_size=256, desc="masking (SRD)")
-    masked.save_to_disk(str(folder))
-    return load_from_disk(str(folder))
+    build = lambda: inputs.untrusted.map(SRDMasker(policy, num_masks=cfg.num_masks), batched=True, batch_size=256, desc="masking (SRD)")  # noqa: E731
+    fingerprint = fingerprints.masked(cfg, artifacts.recorded_hash(cfg.out / f"policy-{protocol}"))
+    return dataset_stage(folder, fingerprint, build, f"{protocol} masked set")[0]
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _inject_rows(cfg: SRDConfig, num_test_images: int) -> tuple[list[str], dict] | None:
+def _inject_rows(cfg: SRDConfig, num_test_images: int, scorer=None) -> tuple[list[str], dict] | None:
     """The inject stage's clean-model and no-defense rows and its clean reference captions,
-    when they were measured on the same test images, target, caption length and clean model."""
+    when they were measured on the same test images, target, caption length, clean model and
+    SFS models."""
     folder = Path(cfg.backdoored_model).parent
     try:
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -535,7 +542,8 @@ def _inject_rows(cfg: SRDConfig, num_test_images: int) -> tuple[list[str], dict]
     measured = metrics.get("evaluation", {})
     same = (measured.get("num_test_images") == num_test_images == len(references) and measured.get("target") == cfg.target
             and measured.get("max_new_tokens") == cfg.max_new_tokens
-            and Path(measured.get("clean_model", "")).resolve() == Path(cfg.clean_model).resolve())
+            and Path(measured.get("clean_model", "")).resolve() == Path(cfg.clean_model).resolve()
+            and (scorer is None or measured.get("scorer") == scorer_record(scorer)))
     rows = {"clean model": metrics["clean_model"], "no defense": metrics["no_defense"]}
     if not same or any("per_image" not in r for r in rows.values()):
         return None
@@ -565,12 +573,13 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     torch.manual_seed(cfg.seed)
     inputs = load_inputs(cfg)
     lap("pretrain_and_inject")
-    scorer = SFSScorer().load()
+    target_check = check_target(cfg.target, inputs.attack)
+    scorer = pipeline_scorer(cfg.sfs_encoder, cfg.sfs_fluency_lm).load()
     recipe = retraining_recipe(cfg, inputs.victim)
     split = inputs.world[cfg.eval_split]
     test = split.select(range(min(cfg.num_test_images, len(split))))
     triggered, truths, test_boxes = triggered_test_set(inputs.attack, test, return_boxes=True)
-    reused = _inject_rows(cfg, len(test)) if cfg.eval_split == "test" else None
+    reused = _inject_rows(cfg, len(test), scorer) if cfg.eval_split == "test" else None
     if reused is not None:
         references, rows = reused
     else:
@@ -596,26 +605,23 @@ def run_one_seed(cfg: SRDConfig) -> dict:
         masked = masked_set(cfg, inputs, protocol, policy)
         datasets[protocol], reports[f"srd ({protocol} policy)"] = cleanse(cfg, inputs, protocol, policy, scorer=scorer)
         mechanism[protocol] = trigger_coverage(masked)
-        _heatmap(cfg, masked, protocol)
+        on_main(lambda: _heatmap(cfg, masked, protocol))
     first = cfg.protocols[0]
     if "random_masks" in cfg.baseline_names:
-        folder = cfg.out / "random-masks"
-        if not (folder / "dataset_info.json").is_file():
-            # SRD's mask count and sizes per sample, on the UNMASKED images, at uniform places
-            srd_boxes = masked_set(cfg, inputs, first, policies[first])["srd_masks"]
-            random_masks(inputs.untrusted, srd_boxes, cfg.seed).save_to_disk(str(folder))
-        datasets["random masks"] = load_from_disk(str(folder))
+        # SRD's mask count and sizes per sample, on the UNMASKED images, at uniform places
+        masked_first = masked_set(cfg, inputs, first, policies[first])
+        fingerprint = fingerprints.random_masks(artifacts.recorded_hash(cfg.out / f"masked-{first}"), cfg.seed)
+        datasets["random masks"] = dataset_stage(cfg.out / "random-masks", fingerprint,
+                                                 lambda: random_masks(inputs.untrusted, masked_first["srd_masks"], cfg.seed),
+                                                 "random masks")[0]
         mechanism["random masks"] = trigger_coverage(datasets["random masks"])
     if "disagreement_filter" in cfg.baseline_names:
-        folder, report_file = cfg.out / "disagreement-filter", cfg.out / "disagreement-filter.json"
-        if not (folder / "dataset_info.json").is_file() or not report_file.is_file():
-            kept, report = disagreement_filter(inputs.untrusted, inputs.victim, inputs.clean, scorer,
-                                               validation_images=inputs.validation_images, flag_rate=cfg.flag_rate,
-                                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
-            kept.save_to_disk(str(folder))
-            report_file.write_text(json.dumps(report, indent=2))
-        datasets["disagreement filter"] = load_from_disk(str(folder))
-        reports["disagreement filter"] = json.loads(report_file.read_text())
+        build = lambda: disagreement_filter(inputs.untrusted, inputs.victim, inputs.clean, scorer,  # noqa: E731
+                                            validation_images=inputs.validation_images, flag_rate=cfg.flag_rate,
+                                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
+        datasets["disagreement filter"], reports["disagreement filter"] = dataset_stage(
+            cfg.out / "disagreement-filter", fingerprints.disagreement(cfg, scorer), build, "disagreement filter")
+        on_main(lambda: artifacts.write_json(cfg.out / "disagreement-filter.json", reports["disagreement filter"]))
     lap("cleanse")
 
     # retraining: control first (no control that plants, no claim)
@@ -658,9 +664,11 @@ def run_one_seed(cfg: SRDConfig) -> dict:
                "attack_seed": cfg.attack_seed, "policy_seed": cfg.policy_seed, "retraining_recipe": recipe,
                "control_reuses_backdoored_model": control_reused, "cleansing": reports, "mechanism": mechanism,
                "scorer": scorer_record(scorer), "rows": rows}
+    if target_check:
+        results["target_check"] = target_check
     results["defense_measurable"] = tables.defense_measurable(rows)
     results["stage_seconds"] = seconds
-    (cfg.out / cfg.results_file).write_text(json.dumps(results, indent=2, default=float))
+    on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))
     return results
 
 
@@ -686,15 +694,16 @@ def _heatmap(cfg: SRDConfig, masked: Dataset, protocol: str) -> None:
 
 
 def scorer_record(scorer) -> dict:
-    """Which SFS models scored the table (one table never mixes two)."""
-    return {"encoder": str(scorer.encoder_name), "fluency_lm": str(scorer.fluency_lm_name), "alpha": scorer.alpha,
-            "lm_dtype": scorer.lm_dtype}
+    """Which SFS models scored the table, by name (one table never mixes two)."""
+    return fingerprints.scorer_names(scorer)
 
 
 def run_pipeline(cfg: SRDConfig) -> dict:
     """Every seed of ``cfg.seeds`` (each resumable), then the table over seeds in
     ``<output_dir>/results.json``."""
     seeds = cfg.seed_list
+    if cfg.overwrite_output_dir:
+        overwrite(cfg.out, DEFENSE_LAYOUT)
     per_seed = [run_one_seed(cfg.for_seed(s)) for s in seeds]
     if len(per_seed) == 1:
         results = {**per_seed[0], "seeds": seeds}
@@ -704,7 +713,7 @@ def run_pipeline(cfg: SRDConfig) -> dict:
         results.update(seeds=seeds, rows=tables.aggregate_seeds(per_seed), per_seed=[str(cfg.out / f"seed-{s}" / cfg.results_file) for s in seeds],
                        defense_measurable=all(r["defense_measurable"] for r in per_seed),
                        stage_seconds={k: sum(r["stage_seconds"].get(k, 0) for r in per_seed) for k in per_seed[0]["stage_seconds"]})
-    (cfg.out / cfg.results_file).write_text(json.dumps(results, indent=2, default=float))
+    on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))
     if not results["defense_measurable"]:
         logger.warning(tables.not_measurable_message(results))
     logger.info("stage wall clock (s): %s", results["stage_seconds"])

@@ -88,3 +88,14 @@ def evaluate_model(
         result["masked_clean_examples"] = masked[:3]
     result["per_image"] = per_image
     return result
+
+
+def check_target(target: str, attack) -> dict | None:
+    """Evaluation only: warn loudly when the ASR target is not the word the attack was planted
+    with (a wrong ``--target`` would otherwise read as a perfect 0% ASR defense)."""
+    planted = getattr(getattr(attack, "config", None), "target", None)
+    if planted is None or str(planted).strip().lower() == str(target).strip().lower():
+        return None
+    logger.warning("\n%s\nASR is measured for target %r, but the attack was planted with target %r: every ASR in this table "
+                   "counts the wrong word (pass --target %r).\n%s", "!" * 88, target, planted, planted, "!" * 88)
+    return {"evaluated": target, "planted": planted, "warning": "ASR measured for another word than the planted target"}

@@ -18,20 +18,25 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import Trainer, TrainingArguments
 
+from . import artifacts, fingerprints
 from .attacks import get_attack, load_attack
 from .attacks.base import PoisonedCaptionCollator, to_caption_pairs
 from .cards import load_card_template
 from .data.images import ensure_rgb
 from .data.synthetic import WorldConfig
+from .distributed import is_main, main_first, on_main, settled
 from .evaluation import evaluate_model
-from .metrics import SFSScorer
+from .hub import backdoor_upload_plan, execute, trainer_args
 from .pretraining import PretrainConfig, latest_checkpoint, load_or_build_world, pretrain
+from .stages import overwrite, pipeline_scorer
 from .vlm import load_captioner, parse_trainable
 from .vlm.base import CaptioningVLM
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLEAN_MODEL = "outputs/clean/model"
+#: what ``--overwrite_output_dir`` removes from an inject output_dir
+INJECT_LAYOUT = ("model", "attack", "poisoned_dataset", "metrics.json", "clean_reference_captions.json", "runs")
 
 
 @dataclass
@@ -79,6 +84,11 @@ class InjectConfig(TrainingArguments):
     save_total_limit: int = field(default=1, metadata={"help": "Checkpoints kept."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads image/caption columns."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loading workers."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over: remove this output_dir's artifacts and checkpoints."})
+    sfs_encoder: str = field(default="embedded:all-MiniLM-L6-v2", metadata={"help": "SFS sentence encoder (default: the embedded MiniLM)."})
+    sfs_fluency_lm: str = field(default="embedded:smollm2-135m", metadata={"help": "SFS fluency LM (default: the embedded SmolLM2; gpt2-large is the paper's)."})
+    hub_private_repo: bool = field(default=True, metadata={"help": "Pushed repos are private unless this is False."})
+    push_poisoned_dataset: bool = field(default=False, metadata={"help": "With --push_to_hub, also push the poisoned dataset (with a card saying so)."})
 
     def __post_init__(self):
         if not self.output_dir:
@@ -152,39 +162,46 @@ def triggered_test_set(attack, test: Dataset, *, return_boxes: bool = False):
     return (images, truths, boxes) if return_boxes else (images, truths)
 
 
+def inject_fingerprint(config: InjectConfig, world: WorldConfig | None = None) -> dict:
+    """What shapes the backdoor: attack and options (target, rate, seed), clean model, data,
+    and the fine-tuning recipe (evaluation settings are recorded in metrics.json instead)."""
+    return {"stage": "inject", "attack": config.attack, "attack_kwargs": config.attack_kwargs(),
+            "clean_model": fingerprints.source(config.clean_model), "num_finetune_images": config.num_finetune_images,
+            "data": world.to_dict() if world is not None else None, "recipe": training_recipe(config)}
+
+
 def inject(config: InjectConfig) -> dict:
+    """Poison, fine-tune, score and save; reused when complete with the same settings, resumed
+    when killed, stopped with the differing settings named when made with others."""
     out = Path(config.output_dir)
     final = out / "model"
-    if (final / "config.json").is_file() and (out / "metrics.json").is_file():
-        logger.info("found a finished backdoored model in %s; delete it to redo", final)
-        return json.loads((out / "metrics.json").read_text())
-    torch.manual_seed(config.seed)
-    victim = clean_model_or_pretrain(config.clean_model)
+    if config.overwrite_output_dir:
+        overwrite(out, INJECT_LAYOUT)
+    victim = clean_model_or_pretrain(config.clean_model)  # pretraining is a Trainer stage: every rank
     world = world_of(victim)
-    data = load_or_build_world(world)
+    fingerprint = inject_fingerprint(config, world)
+    if settled(artifacts.reusable(out, fingerprint, f"{config.attack} backdoor")):
+        logger.info("found a finished backdoored model in %s (same settings): reusing it", final)
+        return json.loads((out / "metrics.json").read_text())
+    artifacts.begin(out, fingerprint, f"{config.attack} backdoor", write=False)
+    on_main(lambda: (artifacts.clear_leftovers(out), artifacts.begin(out, fingerprint, f"{config.attack} backdoor")))
+    torch.manual_seed(config.seed)
+    with main_first():
+        data = load_or_build_world(world)
     test = data["test"].select(range(min(config.num_test_images, len(data["test"]))))
 
-    # ---- poison (cached: the poisoned set and the attack's trigger are artifacts too)
+    # ---- poison once (main process): the poisoned set and the attack's trigger are artifacts too
     attack_dir, poisoned_dir = out / "attack", out / "poisoned_dataset"
-    if (attack_dir / "config.json").is_file() and (poisoned_dir / "dataset_info.json").is_file():
-        attack, poisoned = load_attack(attack_dir), load_from_disk(str(poisoned_dir))
-    else:
-        attack = get_attack(config.attack, **config.attack_kwargs())
-        pairs = to_caption_pairs(data["train"].select(range(min(config.num_finetune_images, len(data["train"])))))
-        extra = {}
-        if config.attack == "vl_trojan":
-            attack.optimise_trigger(victim, pairs.select(range(min(512, len(pairs))))["image"], progress=True)
-        if config.attack == "shadowcast":
-            extra["model"] = victim
-        poisoned = attack.poison(pairs, **extra)
-        attack.save_pretrained(attack_dir)
-        poisoned.save_to_disk(str(poisoned_dir))
+    poison_fp = {k: fingerprint[k] for k in ("attack", "attack_kwargs", "clean_model", "num_finetune_images", "data")}
+    if not settled(artifacts.reusable(attack_dir, poison_fp, "attack") and artifacts.reusable(poisoned_dir, poison_fp, "poisoned set")):
+        on_main(lambda: _poison(config, victim, data, attack_dir, poisoned_dir, poison_fp))
+    attack, poisoned = load_attack(attack_dir), load_from_disk(str(poisoned_dir))
     n_poisoned = int(sum(poisoned["is_poisoned"]))
 
     # ---- fine-tune with the paper's freeze; a frozen copy of the clean model is VLOOD's teacher
     # and the clean baseline of the scores
     clean = copy.deepcopy(victim).requires_grad_(False).eval()
-    scorer = SFSScorer().load()
+    scorer = pipeline_scorer(config.sfs_encoder, config.sfs_fluency_lm).load()
     references = clean.generate_captions([ensure_rgb(img) for img in test["image"]], max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
     loss_kwargs = {"teacher": clean} if config.attack == "vlood" else {}
     model = victim
@@ -192,7 +209,7 @@ def inject(config: InjectConfig) -> dict:
     logger.info("trainable parameters: %s", counts)
     trainer = BackdoorTrainer(
         model=model,
-        args=config,
+        args=trainer_args(config),  # our push comes after the run, never the Trainer's
         train_dataset=poisoned,
         data_collator=PoisonedCaptionCollator(model),
         attack_loss=attack.make_loss(**loss_kwargs),
@@ -221,17 +238,38 @@ def inject(config: InjectConfig) -> dict:
         "clean_model": clean_scores,
         # what the two rows were measured on, so that the defense's table can reuse them
         "evaluation": {"clean_model": str(config.clean_model), "num_test_images": len(test), "target": config.target,
-                       "max_new_tokens": config.max_new_tokens},
+                       "max_new_tokens": config.max_new_tokens, "scorer": fingerprints.scorer_names(scorer)},
     }
-    (out / "clean_reference_captions.json").write_text(json.dumps(references))
     model.config.extra.update({"backdoor": {**{k: metrics[k] for k in ("attack", "attack_config", "poison_rate", "n_poisoned")},
                                             "recipe": training_recipe(config), "clean_model": str(config.clean_model)}})
-    model.save_pretrained(final)
-    write_backdoor_card(final, metrics, config)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    if config.push_to_hub:
-        push_artifacts(config, final, attack_dir, poisoned_dir)
+
+    def save():  # every piece atomic, the stage's marker last
+        artifacts.write_json(out / "clean_reference_captions.json", references)
+        with artifacts.staged(final) as tmp:
+            model.save_pretrained(tmp)
+            write_backdoor_card(tmp, metrics, config)
+        artifacts.write_json(out / "metrics.json", metrics)
+        artifacts.finish(out, fingerprint)
+
+    on_main(save)
+    if config.push_to_hub and is_main():
+        push_artifacts(config, final, attack_dir, poisoned_dir, metrics)
     return metrics
+
+
+def _poison(config: InjectConfig, victim, data, attack_dir: Path, poisoned_dir: Path, fingerprint: dict) -> None:
+    attack = get_attack(config.attack, **config.attack_kwargs())
+    pairs = to_caption_pairs(data["train"].select(range(min(config.num_finetune_images, len(data["train"])))))
+    extra = {}
+    if config.attack == "vl_trojan":
+        attack.optimise_trigger(victim, pairs.select(range(min(512, len(pairs))))["image"], progress=True)
+    if config.attack == "shadowcast":
+        extra["model"] = victim
+    poisoned = attack.poison(pairs, **extra)
+    artifacts.clear_leftovers(attack_dir.parent)
+    with artifacts.staged(attack_dir, fingerprint) as tmp:
+        attack.save_pretrained(tmp)
+    artifacts.save_dataset(poisoned, poisoned_dir, fingerprint)
 
 
 def training_recipe(config: InjectConfig) -> dict:
@@ -280,19 +318,12 @@ def reproduce_command(attack: str, config: InjectConfig) -> str:
     return " ".join(parts)
 
 
-def push_artifacts(config: InjectConfig, model_dir: Path, attack_dir: Path, dataset_dir: Path) -> None:
-    """Publish model, attack and poisoned dataset; offline this fails with a clear message
-    after everything was saved locally."""
+def push_artifacts(config: InjectConfig, model_dir: Path, attack_dir: Path, dataset_dir: Path, metrics: dict | None = None) -> list[str]:
+    """Publish model (card included) and attack trigger, private unless asked; the poisoned
+    dataset only with ``push_poisoned_dataset``. Offline this fails with one clear error, after
+    everything was saved locally."""
     repo = config.hub_model_id or f"srd-hf-{config.attack}-backdoor"
-    try:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=config.hub_token)
-        api.create_repo(repo, private=config.hub_private_repo, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=str(model_dir), commit_message="backdoored model")
-        api.upload_folder(repo_id=repo, folder_path=str(attack_dir), path_in_repo="attack", commit_message="attack")
-        load_from_disk(str(dataset_dir)).push_to_hub(f"{repo}-poisoned-data", private=config.hub_private_repo, token=config.hub_token)
-    except Exception as err:  # network, auth or offline mode
-        raise RuntimeError(
-            f"push to the Hub failed ({type(err).__name__}: {err}); everything is saved locally in {model_dir.parent}"
-        ) from err
+    card = {"attack": config.attack, "target": config.target, **{k: (metrics or {}).get(k, "?") for k in ("n_poisoned", "n_samples")}}
+    plan = backdoor_upload_plan(repo, model_dir, attack_dir, dataset_dir, push_poisoned_dataset=config.push_poisoned_dataset,
+                                private=config.hub_private_repo, dataset_card=card)
+    return execute(plan, config.hub_token, saved_in=model_dir.parent)

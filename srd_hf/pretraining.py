@@ -16,7 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +33,10 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
+from . import artifacts
 from .cards import load_card_template
+from .distributed import main_first, on_main, settled
 from .evaluation import caption_quality
 from .data.images import ensure_rgb
 from .data.occlusion import occluder_sizes, paste_random_occluder
@@ -69,6 +73,7 @@ class PretrainConfig:
     eval_batch_size: int = field(default=128, metadata={"help": "Batch size of caption generation at evaluation."})
     save_steps: int = field(default=200, metadata={"help": "Checkpoint every this many steps (a killed run resumes from the last)."})
     logging_steps: int = field(default=50, metadata={"help": "Log every this many steps."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over: remove this output_dir's artifacts and checkpoints."})
 
     def __post_init__(self):
         if not 0.0 <= self.occluder_prob <= 1.0:
@@ -96,12 +101,16 @@ def load_or_build_world(world: WorldConfig, cache_dir: str | None = None) -> Dat
         return load_from_disk(str(folder))
     logger.info("generating the embedded world into %s", folder)
     dataset = build_world(world)
-    staging = root / f".{key}.tmp"
-    dataset.save_to_disk(str(staging))
-    (staging / "world_config.json").write_text(json.dumps(world.to_dict(), indent=2))
-    if folder.exists():  # another process won the race
-        return load_from_disk(str(folder))
-    staging.rename(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}{artifacts.STAGING_TAG}", dir=root))  # one per writer: a shared cache
+    try:
+        dataset.save_to_disk(str(staging))
+        (staging / "world_config.json").write_text(json.dumps(world.to_dict(), indent=2))
+        os.chmod(staging, 0o755)
+        if not folder.exists():  # else another process won the race
+            staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return load_from_disk(str(folder))
 
 
@@ -234,19 +243,35 @@ def _training_args(output_dir: Path, config: PretrainConfig, lr: float, epochs: 
     )
 
 
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+
+
 def latest_checkpoint(folder: Path) -> str | None:
-    """The Trainer checkpoint a killed run resumes from, if any."""
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    """The last *complete* Trainer checkpoint of ``folder`` (the one a killed run resumes from):
+    a ``checkpoint-N`` killed while being written (no ``trainer_state.json``, which the Trainer
+    writes after the weights, optimizer and RNG state, or no weights) is skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = [(int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file() and any((path / w).is_file() for w in _WEIGHTS):
+            return str(path)
+        logger.warning("skipping the torn checkpoint %s (killed while being written)", path)
+    return None
 
 
 def pretrain_vision(captioner: OpenFlamingoCaptioner, world_data: DatasetDict, config: PretrainConfig, work_dir: Path) -> dict:
     """Train the vision tower on the ground truth, then leave it frozen inside ``captioner``."""
     done = work_dir / "vision_tower.safetensors"
     visual = captioner.flamingo.vision_encoder
-    if done.is_file():
+    fingerprint = {"stage": "pretrain_vision", **{k: v for k, v in _fingerprint(config).items() if not k.startswith("caption_")}}
+    if settled(artifacts.reusable(work_dir, fingerprint, "vision tower")):
         visual.load_state_dict(load_file(done))
         visual.requires_grad_(False)
         return json.loads((work_dir / "vision_metrics.json").read_text())
+    artifacts.begin(work_dir, fingerprint, "vision tower", write=False)
+    on_main(lambda: artifacts.begin(work_dir, fingerprint, "vision tower"))
     world = config.world()
     probe = ObjectProbe(visual, visual.transformer.width, world.patch_size)
     train = OccludedImages(world_data["train"], captioner, config.occluder_prob, config.seed, with_targets=True, world=world)
@@ -256,8 +281,15 @@ def pretrain_vision(captioner: OpenFlamingoCaptioner, world_data: DatasetDict, c
     trainer.train(resume_from_checkpoint=latest_checkpoint(work_dir / "checkpoints"))
     metrics = {"vision_train_seconds": round(time.time() - start, 1), **vision_accuracy(probe, world_data["validation"], captioner, world.grid)}
     visual.requires_grad_(False)
-    save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, done)
-    (work_dir / "vision_metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    def save():  # tower and metrics, each atomic, then the marker
+        tmp = done.with_name(f".{done.name}{artifacts.STAGING_TAG}")
+        save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, tmp)
+        tmp.replace(done)
+        artifacts.write_json(work_dir / "vision_metrics.json", metrics)
+        artifacts.finish(work_dir, fingerprint)
+
+    on_main(save)
     return metrics
 
 
@@ -342,15 +374,39 @@ def evaluate_captioner(captioner: OpenFlamingoCaptioner, dataset, config: Pretra
 
 
 # --------------------------------------------------------------------------- the whole recipe
+def _fingerprint(config: PretrainConfig, sizes: TinyFlamingoSizes | None = None) -> dict:
+    """What shapes the clean model: the world, seeds, occluders, both stages' schedules, sizes."""
+    fp = asdict(config)
+    for key in ("output_dir", "world_cache_dir", "save_steps", "logging_steps", "eval_batch_size", "overwrite_output_dir"):
+        fp.pop(key, None)
+    fp["world"] = config.world().to_dict()
+    if sizes is not None:
+        fp["sizes"] = asdict(sizes)
+    return fp
+
+
+#: what ``--overwrite_output_dir`` removes from a pretraining output_dir
+PRETRAIN_LAYOUT = ("model", "vision", "captions", "metrics.json")
+
+
 def pretrain(config: PretrainConfig, sizes: TinyFlamingoSizes = TinyFlamingoSizes()) -> tuple[OpenFlamingoCaptioner, dict]:
-    """Stage 1 + stage 2 + evaluation; resumes from whatever a killed run left."""
+    """Stage 1 + stage 2 + evaluation; resumes from whatever a killed run left, reuses a
+    finished run made with the same settings, and stops naming the settings that differ."""
+    from .stages import overwrite
+
     out = Path(config.output_dir)
     final = out / "model"
+    if config.overwrite_output_dir:
+        overwrite(out, PRETRAIN_LAYOUT)
     world = config.world()
-    world_data = load_or_build_world(world, config.world_cache_dir)
-    if (final / "config.json").is_file() and (out / "metrics.json").is_file():
-        logger.info("found a finished model in %s; delete it to retrain", final)
+    with main_first():
+        world_data = load_or_build_world(world, config.world_cache_dir)
+    fingerprint = {"stage": "pretrain", **_fingerprint(config, sizes)}
+    if settled(artifacts.reusable(out, fingerprint, "clean model")):
+        logger.info("found a finished model in %s (same settings); reusing it", final)
         return OpenFlamingoCaptioner.from_pretrained(final), json.loads((out / "metrics.json").read_text())
+    artifacts.begin(out, fingerprint, "clean model", write=False)
+    on_main(lambda: (artifacts.clear_leftovers(out), artifacts.begin(out, fingerprint, "clean model")))
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     captioner = build_tiny_flamingo(world, sizes, seed=config.seed, gate_init=1.0)
@@ -362,9 +418,15 @@ def pretrain(config: PretrainConfig, sizes: TinyFlamingoSizes = TinyFlamingoSize
     metrics["test"] = evaluate_captioner(captioner, world_data["test"], config)
     metrics["test_red_square"] = evaluate_captioner(captioner, world_data["test"], config, occluded=True)
     captioner.config.extra.update({"pretrain": asdict(config), "metrics": {k: v for k, v in metrics.items() if k.startswith("test")}})
-    captioner.save_pretrained(final)
-    write_model_card(final, metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    def save():  # model with its card, metrics, then the marker
+        with artifacts.staged(final) as tmp:
+            captioner.save_pretrained(tmp)
+            write_model_card(tmp, metrics)
+        artifacts.write_json(out / "metrics.json", metrics)
+        artifacts.finish(out, fingerprint)
+
+    on_main(save)
     return captioner, metrics
 
 

@@ -39,7 +39,8 @@ def test_pretrain_recipe_runs_saves_a_card_and_resumes(tmp_path):
     assert (out / "vision" / "vision_tower.safetensors").is_file()
     assert list((out / "captions" / "checkpoints").glob("checkpoint-*"))
 
-    # a run killed after both stages but before saving resumes from what is on disk
+    # a run killed after both stages but before saving (no marker yet) resumes from what is on disk
+    (out / "_COMPLETE.json").unlink()
     (out / "metrics.json").unlink()
     import shutil
 

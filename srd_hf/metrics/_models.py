@@ -165,6 +165,15 @@ def resolve_sentence_encoder(name: str | None = None, device: Any = None):
     return model
 
 
+def loaded_encoder_name(name: str | None = None) -> str:
+    """The name to record for a loaded encoder: :data:`EMBEDDED_ENCODER` when the embedded copy
+    stood in (same weights, but the record says which files scored)."""
+    name = name or DEFAULT_ENCODER
+    if name == EMBEDDED_ENCODER or (name in _ENCODER_ALIASES and (hub_offline() or name in _UNREACHABLE)):
+        return EMBEDDED_ENCODER
+    return name
+
+
 # ----------------------------------------------------------------------------------------------
 # fluency language model
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +256,15 @@ def resolve_fluency_lm_path(name: str | None = None, cache_dir: str | os.PathLik
         return str(ensure_smollm2(cache_dir))
     if name in _LM_ALIASES and (hub_offline() or name in _UNREACHABLE) and not _in_hf_cache(name):
         return str(ensure_smollm2(cache_dir))
+    return name
+
+
+def loaded_lm_name(name: str | None = None, cache_dir: str | os.PathLike | None = None) -> str:
+    """The name to record for a loaded fluency LM: :data:`EMBEDDED_LM` when SmolLM2 stood in
+    for gpt2-large (their perplexities differ: a table must say which one scored it)."""
+    name = name or DEFAULT_LM
+    if name == EMBEDDED_LM or (name in _LM_ALIASES and (name in _UNREACHABLE or (hub_offline() and not _in_hf_cache(name)))):
+        return EMBEDDED_LM
     return name
 
 

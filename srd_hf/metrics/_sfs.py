@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._models import DEFAULT_ENCODER, DEFAULT_LM, default_device, resolve_fluency_lm, resolve_sentence_encoder
+from ._models import (DEFAULT_ENCODER, DEFAULT_LM, default_device, loaded_encoder_name, loaded_lm_name, resolve_fluency_lm,
+                      resolve_sentence_encoder)
 from ._validation import (
     check_choice,
     check_positive_int,
@@ -93,6 +94,9 @@ class SFSScorer:
         self.lm_dtype = check_choice("lm_dtype", lm_dtype, LM_DTYPES)
         self._encoder = None
         self._lm = None
+        #: the models actually scoring (the embedded ones' names when a fallback was taken)
+        self.encoder_loaded: str | None = None
+        self.fluency_lm_loaded: str | None = None
         self._tokenizer = None
 
     # ------------------------------------------------------------------------------------------
@@ -103,6 +107,7 @@ class SFSScorer:
         """The sentence-transformers model (loaded on first use)."""
         if self._encoder is None:
             self._encoder = resolve_sentence_encoder(self.encoder_name, device=self.device)
+            self.encoder_loaded = loaded_encoder_name(self.encoder_name)
         return self._encoder
 
     @property
@@ -117,6 +122,7 @@ class SFSScorer:
                 cache_dir=self.model_cache_dir,
                 dtype=getattr(torch, self.lm_dtype),
             )
+            self.fluency_lm_loaded = loaded_lm_name(self.fluency_lm_name, self.model_cache_dir)
         return self._lm
 
     @property
