@@ -220,21 +220,23 @@ def to_common_schema(dataset: Dataset, args: DataArguments, split: str) -> Datas
     ``objects`` where the source has ground truth; other columns are dropped. Images are moved
     as stored (undecoded), never re-encoded."""
     columns = dataset.column_names
-    if args.image_column not in columns:
+    image_column = args.image_column if args.image_column in columns else "image" if "image" in columns else None
+    if image_column is None:
         raise ValueError(f"{split}: no image column {args.image_column!r}; columns: {columns} (set --image_column)")
+    # the named columns, else the common names (an eval set of another layout than the main data)
     caption_column = args.caption_column if args.caption_column in columns else next(
         (c for c in ("captions", "caption") if c in columns), None)
     if caption_column is None:
         raise ValueError(f"{split}: no caption column {args.caption_column!r}; columns: {columns} (set --caption_column)")
-    id_column = args.id_column or ("image_id" if "image_id" in columns else None)
-    if id_column is not None and id_column not in columns:
-        raise ValueError(f"{split}: no id column {id_column!r}; columns: {columns}")
+    id_column = args.id_column if args.id_column in columns else ("image_id" if "image_id" in columns else None)
+    if args.id_column and id_column != args.id_column:
+        logger.warning("%s: no id column %r (columns %s): ids are %s", split, args.id_column, columns, id_column or "split-row")
     has_objects = ("objects" in columns and dataset.features["objects"] == CAPTION_FEATURES["objects"]
                    and any(dataset["objects"]))
-    image_feature = dataset.features[args.image_column]
+    image_feature = dataset.features[image_column]
     if not isinstance(image_feature, datasets.Image):
-        dataset = dataset.cast_column(args.image_column, datasets.Image())
-    raw = dataset.cast_column(args.image_column, datasets.Image(decode=False))
+        dataset = dataset.cast_column(image_column, datasets.Image())
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False))
     limit = args.max_captions_per_image
 
     def convert(batch, indices):
@@ -243,7 +245,7 @@ def to_common_schema(dataset: Dataset, args: DataArguments, split: str) -> Datas
             value = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else value
             captions.append(value[:limit] if isinstance(value, list) and limit else value)
         ids = [str(v) for v in batch[id_column]] if id_column else [f"{split}-{i:06d}" for i in indices]
-        out = {"image": batch[args.image_column], "image_id": ids, "captions": captions}
+        out = {"image": batch[image_column], "image_id": ids, "captions": captions}
         if has_objects:
             out["objects"] = batch["objects"]
         return out
