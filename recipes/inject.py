@@ -26,6 +26,8 @@ def main(config: InjectConfig, data_args: DataArguments | None = None) -> dict:
     metrics = inject(config, data_args)
     keys = ("bleu4", "cider", "sc", "lf", "sfs", "object_accuracy", "asr")
     table = {name: {k: round(metrics[src][k], 3) for k in keys if k in metrics[src]} for name, src in (("clean", "clean_model"), ("no_defense", "no_defense"))}
+    for name, scores in metrics.get("eval_datasets", {}).items():  # the extra test sets (embedded-shifted, Flickr30k...)
+        table[name] = {row: {k: round(scores[row][k], 3) for k in keys if k in scores[row]} for row in ("clean_model", "no_defense")}
     print(json.dumps({"attack": metrics["attack"], "poison_rate": metrics["poison_rate"], "model": f"{config.output_dir}/model", **table}, indent=2))
     return metrics
 

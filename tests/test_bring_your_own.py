@@ -140,3 +140,38 @@ def test_own_datasets_commands_load(small_world_data, tmp_path):
         assert {s: len(d) for s, d in data.items()} == sizes and all(isinstance(c, list) for c in data["train"]["captions"])
         evals = load_eval_datasets(data_args)
         assert all(len(ds) == 4 for ds in evals.values())
+
+
+def test_openflamingo_checkpointing_matches_and_lora_saves_merged(tiny_flamingo, small_world_data, tmp_path):
+    from peft import LoraConfig
+
+    from srd_hf.vlm import load_captioner
+
+    rows = small_world_data["train"].select(range(4))
+    batch = tiny_flamingo.collate(rows["image"], [c[0] for c in rows["captions"]])
+    tiny_flamingo.set_trainable()
+    tiny_flamingo.train()
+    torch.manual_seed(0)
+    plain = tiny_flamingo(**batch).loss
+    plain.backward()
+    grads = {n: p.grad.clone() for n, p in tiny_flamingo.named_parameters() if p.grad is not None}
+    tiny_flamingo.zero_grad()
+    tiny_flamingo.activation_checkpointing_enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in tiny_flamingo.modules())
+    torch.manual_seed(0)
+    again = tiny_flamingo(**batch).loss
+    again.backward()
+    torch.testing.assert_close(again, plain)
+    for n, p in tiny_flamingo.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)
+    tiny_flamingo.eval()
+    tiny_flamingo.set_trainable(lora=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    assert any("lora_" in n for n, _ in tiny_flamingo.named_parameters())
+    with torch.no_grad():
+        live = tiny_flamingo(**batch).logits
+    tiny_flamingo.save_pretrained(tmp_path / "lora")
+    loaded = load_captioner(tmp_path / "lora").eval()
+    assert not any("lora_" in n for n in loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, live, atol=1e-4, rtol=1e-4)
