@@ -33,6 +33,7 @@ Layout (defaults; seed s > 0 adds ``-seed<s>`` to the backdoor folder)::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -56,11 +57,12 @@ from .data.images import ensure_rgb
 from .defender import DefenderConfig, defender_set, trusted_images
 from .distributed import main_first, on_main, per_device_batch, settled
 from .evaluation import check_target, evaluate_model
-from .injection import InjectConfig, clean_model_or_pretrain, inject, triggered_test_set, world_of
+from .data.sources import DataArguments, defense_data
+from .injection import InjectConfig, clean_model_or_pretrain, inject, triggered_test_set
 from .masker import SRDMasker
 from .hub import trainer_args
 from .metrics import attack_success_rate
-from .pretraining import latest_checkpoint, load_or_build_world
+from .pretraining import latest_checkpoint
 from .rl.env import MaskingEnvConfig, MaskingVecEnv
 from .rl.modeling_srd import SRDPolicy
 from .rl.reward import RewardConfig
@@ -332,7 +334,21 @@ def inject_config_for(cfg: SRDConfig) -> InjectConfig:
                     attack_seed=cfg.attack_seed, seed=cfg.attack_seed, output_dir=str(Path(cfg.backdoored_model).parent),
                     num_test_images=cfg.num_test_images, max_new_tokens=cfg.max_new_tokens, eval_batch_size=cfg.eval_batch_size,
                     report_to="none", sfs_encoder=cfg.sfs_encoder, sfs_fluency_lm=cfg.sfs_fluency_lm)
-    return InjectConfig(**settings)
+    inject_cfg, _ = _inject_and_data(settings)
+    return inject_cfg
+
+
+def _inject_and_data(settings: dict) -> tuple[InjectConfig, DataArguments]:
+    """A recipe YAML holds training and data keys (the paper configs name COCO): split them."""
+    data_keys = {f.name for f in dataclasses.fields(DataArguments)}
+    return (InjectConfig(**{k: v for k, v in settings.items() if k not in data_keys}),
+            DataArguments(**{k: v for k, v in settings.items() if k in data_keys}))
+
+
+def inject_data_for(cfg: SRDConfig) -> DataArguments:
+    """The data the attack's recipe names (the embedded world unless it says otherwise)."""
+    path = Path(cfg.inject_config) if cfg.inject_config else RECIPE_CONFIGS / f"inject_{cfg.attack}.yaml"
+    return _inject_and_data({**(yaml.safe_load(path.read_text()) or {}), "output_dir": "unused"})[1] if path.is_file() else DataArguments()
 
 
 @dataclass
@@ -360,12 +376,15 @@ def load_inputs(cfg: SRDConfig) -> DefenseInputs:
         # a folder we named: inject reuses it when complete with the attack's settings, resumes it
         # when torn, and stops naming the settings that differ
         logger.info("backdoor %s: planting %s with %s (reused when done)", model_dir, cfg.attack, cfg.inject_config or "its recipe")
-        inject(inject_config_for(cfg))
+        inject(inject_config_for(cfg), inject_data_for(cfg))
     victim = load_captioner(cfg.backdoored_model)
     untrusted = load_from_disk(cfg.poisoned_dataset)
     attack = load_attack(Path(cfg.poisoned_dataset).parent / "attack")
+    # the data the backdoor was planted on, as the inject stage recorded it (train: the defender's
+    # trusted images; validation: thresholds; test: the table)
+    recorded = (victim.metadata.get("backdoor") or {}).get("data")
     with main_first():
-        world = load_or_build_world(world_of(clean))
+        world = defense_data(DataArguments(**recorded) if recorded else DataArguments(), clean)
     return DefenseInputs(clean=clean, victim=victim, untrusted=untrusted, attack=attack, world=world)
 
 
@@ -376,7 +395,7 @@ def retraining_recipe(cfg: SRDConfig, victim) -> dict:
     own["lr_scheduler_type"] = str(getattr(cfg.lr_scheduler_type, "value", cfg.lr_scheduler_type))
     if cfg.retrain_recipe == "config":
         return {**own, "source": "config"}
-    recorded = (getattr(victim.config, "extra", {}).get("backdoor") or {}).get("recipe")
+    recorded = (victim.metadata.get("backdoor") or {}).get("recipe")
     if not recorded:
         logger.warning("the backdoored model records no training recipe: retraining with this config's settings")
         return {**own, "source": "config (the backdoored model records no recipe)"}
@@ -410,7 +429,7 @@ def fine_tune(cfg: SRDConfig, start_model: str, dataset: Dataset, run_dir: Path,
     trainer = Trainer(model=model, args=trainer_args(args), train_dataset=dataset.select_columns(columns),
                       data_collator=CaptionCollator(model, caption_column="caption"))
     trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir))
-    model.config.extra.update({"srd_retrain": {**record, "start": start_model, "n_samples": len(dataset),
+    model.metadata.update({"srd_retrain": {**record, "start": start_model, "n_samples": len(dataset),
                                                "recipe": {k: v for k, v in recipe.items()}}})
     on_main(lambda: (model.save_pretrained(final), artifacts.finish(run_dir, fingerprint)))
     return model
@@ -426,14 +445,14 @@ def retrain(cfg: SRDConfig, start: str, cleansed: Dataset, *, name: str = "srd",
         recipe["lr_scheduler_type"] = str(getattr(cfg.lr_scheduler_type, "value", cfg.lr_scheduler_type))
     model = fine_tune(cfg, cfg.clean_model if start == "pre_attack" else cfg.backdoored_model, cleansed,
                       cfg.out / f"retrain-{name}-{start}", recipe, {"row": name, "seed": recipe.get("seed", cfg.seed)})
-    model.config.extra["srd_retrain"]["trainable"] = recipe.get("trainable") or "paper's freeze"
+    model.metadata["srd_retrain"]["trainable"] = recipe.get("trainable") or "paper's freeze"
     return model
 
 
 def control_reuses_backdoor(cfg: SRDConfig, inputs: DefenseInputs, recipe: dict, start: str) -> bool:
     """The control IS the backdoored model when it would repeat the inject run exactly: same
     start, data, recipe and seed, and an attack trained with the plain caption loss."""
-    backdoor = getattr(inputs.victim.config, "extra", {}).get("backdoor") or {}
+    backdoor = inputs.victim.metadata.get("backdoor") or {}
     recorded = backdoor.get("recipe") or {}
     same_recipe = recipe.get("source") == "attack" and all(recorded.get(k) == recipe.get(k) for k in RECIPE_KEYS if k in recorded)
     plain_loss = type(inputs.attack).make_loss is Attack.make_loss

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import Trainer, TrainingArguments
 
 from . import artifacts, fingerprints
@@ -23,11 +23,12 @@ from .attacks import get_attack, load_attack
 from .attacks.base import PoisonedCaptionCollator, to_caption_pairs
 from .cards import load_card_template
 from .data.images import ensure_rgb
+from .data.sources import DataArguments, embedded_world, load_captioning_data, load_eval_datasets, provenance
 from .data.synthetic import WorldConfig
 from .distributed import is_main, main_first, on_main, settled
 from .evaluation import evaluate_model
 from .hub import backdoor_upload_plan, execute, trainer_args
-from .pretraining import PretrainConfig, latest_checkpoint, load_or_build_world, pretrain
+from .pretraining import PretrainConfig, latest_checkpoint, pretrain
 from .stages import overwrite, pipeline_scorer
 from .vlm import load_captioner, parse_trainable
 from .vlm.base import CaptioningVLM
@@ -58,7 +59,19 @@ class InjectConfig(TrainingArguments):
     num_finetune_images (`int`, defaults to `2000`): images of the fine-tuning set (x5 captions).
     num_test_images (`int`, defaults to `500`): clean test images scored (and triggered for ASR).
     trainable (`str`, optional): comma-separated parameter prefixes to train instead of the
-        paper's freeze (perceiver, gated cross-attention, input embeddings).
+        paper's freeze, which is defined per model family: OpenFlamingo trains its perceiver,
+        gated cross-attention and LM input embeddings; a transformers VLM (LLaVA-style) its
+        vision-language connector (``multi_modal_projector``...) and LM input embeddings.
+    trust_remote_code (`bool`): let the clean model's language model run its repository's code
+        (OpenFlamingo-3B's MPT-1B needs it).
+
+    > Memory switches: ``--bf16`` and ``--gradient_checkpointing`` (TrainingArguments), and LoRA
+    lora_r (`int`, defaults to `0`): LoRA rank through peft (0: no LoRA); adapters are trained
+        beside the trainable prefixes and merged into the saved model.
+    lora_alpha, lora_dropout, lora_target_modules: the LoRA scale, dropout and the comma list of
+        module names adapted (default q_proj,v_proj: Llama-style attention; MPT uses Wqkv).
+
+    The data comes from a second dataclass, :class:`~srd_hf.data.sources.DataArguments`.
     """
 
     attack: str = field(default="badnet", metadata={"help": "Attack name: badnet, blended, trojvlm, vlood, vl_trojan, shadowcast."})
@@ -70,6 +83,11 @@ class InjectConfig(TrainingArguments):
     num_finetune_images: int = field(default=2000, metadata={"help": "Images in the fine-tuning set (each with its captions)."})
     num_test_images: int = field(default=500, metadata={"help": "Test images scored."})
     trainable: str = field(default="", metadata={"help": "Comma-separated parameter prefixes to train (default: the paper's freeze)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Let the clean model's language model run its repository's code."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: no LoRA)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma list of module names LoRA adapts."})
     max_new_tokens: int = field(default=24, metadata={"help": "Caption length limit at evaluation."})
     eval_batch_size: int = field(default=128, metadata={"help": "Batch size of caption generation at evaluation."})
     # TrainingArguments defaults that suit this job
@@ -100,10 +118,24 @@ class InjectConfig(TrainingArguments):
             raise ValueError("target must be a non-empty word or phrase")
         if self.num_finetune_images < 1 or self.num_test_images < 1:
             raise ValueError("num_finetune_images and num_test_images must be >= 1")
+        if self.lora_r < 0 or (self.lora_r and not self.lora_targets):
+            raise ValueError("lora_r must be >= 0, and LoRA needs lora_target_modules")
         if self.attack_options:
             options = json.loads(self.attack_options)
             if not isinstance(options, dict):
                 raise ValueError("attack_options must be a JSON object")
+
+    @property
+    def lora_targets(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    def lora_config(self):
+        """The ``peft.LoraConfig`` of ``--lora_r`` (None without LoRA)."""
+        if not self.lora_r:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=self.lora_targets)
 
     def attack_kwargs(self) -> dict:
         options = json.loads(self.attack_options) if self.attack_options else {}
@@ -128,19 +160,17 @@ class BackdoorTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def clean_model_or_pretrain(path: str) -> CaptioningVLM:
+def clean_model_or_pretrain(path: str, trust_remote_code: bool = False) -> CaptioningVLM:
     if Path(path).is_dir() or path != DEFAULT_CLEAN_MODEL:
-        return load_captioner(path)
+        return load_captioner(path, trust_remote_code=trust_remote_code)
     logger.info("no clean model at %s: pretraining the embedded default first", path)
     model, _ = pretrain(PretrainConfig(output_dir=str(Path(path).parent)))
     return model
 
 
 def world_of(model: CaptioningVLM) -> WorldConfig:
-    world = getattr(getattr(model, "config", None), "extra", {}).get("world")
-    if world is None:
-        raise ValueError("the clean model records no embedded world; real datasets need their own loader")
-    return WorldConfig(**world)
+    """The embedded world the model was pretrained on (other sources: ``DataArguments``)."""
+    return embedded_world(model)
 
 
 def triggered_test_set(attack, test: Dataset, *, return_boxes: bool = False):
@@ -162,24 +192,29 @@ def triggered_test_set(attack, test: Dataset, *, return_boxes: bool = False):
     return (images, truths, boxes) if return_boxes else (images, truths)
 
 
-def inject_fingerprint(config: InjectConfig, world: WorldConfig | None = None) -> dict:
+def inject_fingerprint(config: InjectConfig, data_record: dict | None = None) -> dict:
     """What shapes the backdoor: attack and options (target, rate, seed), clean model, data,
     and the fine-tuning recipe (evaluation settings are recorded in metrics.json instead)."""
     return {"stage": "inject", "attack": config.attack, "attack_kwargs": config.attack_kwargs(),
             "clean_model": fingerprints.source(config.clean_model), "num_finetune_images": config.num_finetune_images,
-            "data": world.to_dict() if world is not None else None, "recipe": training_recipe(config)}
+            "data": data_record, "recipe": training_recipe(config)}
 
 
-def inject(config: InjectConfig) -> dict:
+def inject(config: InjectConfig, data_args: DataArguments | None = None, *, data: DatasetDict | None = None, scorer=None) -> dict:
     """Poison, fine-tune, score and save; reused when complete with the same settings, resumed
-    when killed, stopped with the differing settings named when made with others."""
+    when killed, stopped with the differing settings named when made with others.
+
+    ``data_args`` names the data (default: the clean model's embedded world); ``data``, when
+    given, is that data already loaded by the recipe."""
     out = Path(config.output_dir)
     final = out / "model"
     if config.overwrite_output_dir:
         overwrite(out, INJECT_LAYOUT)
-    victim = clean_model_or_pretrain(config.clean_model)  # pretraining is a Trainer stage: every rank
-    world = world_of(victim)
-    fingerprint = inject_fingerprint(config, world)
+    # pretraining is a Trainer stage: every rank; the victim on the training device, the clean copy too
+    victim = clean_model_or_pretrain(config.clean_model, config.trust_remote_code).to(config.device)
+    data_args = data_args or DataArguments()
+    world = embedded_world(victim, data_args) if data_args.is_embedded or any(s.startswith("embedded") for s in data_args.eval_specs) else None
+    fingerprint = inject_fingerprint(config, provenance(data_args, world=world))
     if settled(artifacts.reusable(out, fingerprint, f"{config.attack} backdoor")):
         logger.info("found a finished backdoored model in %s (same settings): reusing it", final)
         return json.loads((out / "metrics.json").read_text())
@@ -187,7 +222,8 @@ def inject(config: InjectConfig) -> dict:
     on_main(lambda: (artifacts.clear_leftovers(out), artifacts.begin(out, fingerprint, f"{config.attack} backdoor")))
     torch.manual_seed(config.seed)
     with main_first():
-        data = load_or_build_world(world)
+        data, data_report = (data, None) if data is not None else load_captioning_data(data_args, world=world, return_report=True)
+        eval_sets = load_eval_datasets(data_args, world=world)
     test = data["test"].select(range(min(config.num_test_images, len(data["test"]))))
 
     # ---- poison once (main process): the poisoned set and the attack's trigger are artifacts too
@@ -201,11 +237,11 @@ def inject(config: InjectConfig) -> dict:
     # ---- fine-tune with the paper's freeze; a frozen copy of the clean model is VLOOD's teacher
     # and the clean baseline of the scores
     clean = copy.deepcopy(victim).requires_grad_(False).eval()
-    scorer = pipeline_scorer(config.sfs_encoder, config.sfs_fluency_lm).load()
+    scorer = scorer or pipeline_scorer(config.sfs_encoder, config.sfs_fluency_lm).load()
     references = clean.generate_captions([ensure_rgb(img) for img in test["image"]], max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, progress=True)
     loss_kwargs = {"teacher": clean} if config.attack == "vlood" else {}
     model = victim
-    counts = model.set_trainable(parse_trainable(config.trainable))
+    counts = model.set_trainable(parse_trainable(config.trainable), lora=config.lora_config())
     logger.info("trainable parameters: %s", counts)
     trainer = BackdoorTrainer(
         model=model,
@@ -224,6 +260,8 @@ def inject(config: InjectConfig) -> dict:
                   max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, triggered_references=truths)
     clean_scores = evaluate_model(clean, test, predictions=references, **common)
     scores = evaluate_model(model, test, **common)
+    extra_scores = {name: score_on(clean, model, attack, ds.select(range(min(config.num_test_images, len(ds)))), config, scorer)
+                    for name, ds in eval_sets.items()}
     metrics = {
         "attack": attack.name,
         "attack_config": attack.config.to_dict(),
@@ -238,10 +276,14 @@ def inject(config: InjectConfig) -> dict:
         "clean_model": clean_scores,
         # what the two rows were measured on, so that the defense's table can reuse them
         "evaluation": {"clean_model": str(config.clean_model), "num_test_images": len(test), "target": config.target,
-                       "max_new_tokens": config.max_new_tokens, "scorer": fingerprints.scorer_names(scorer)},
+                       "max_new_tokens": config.max_new_tokens, "scorer": fingerprints.scorer_names(scorer),
+                       "test_image_ids": list(test["image_id"])},
+        "eval_datasets": extra_scores,
+        "data": provenance(data_args, world=world, report=data_report),
     }
-    model.config.extra.update({"backdoor": {**{k: metrics[k] for k in ("attack", "attack_config", "poison_rate", "n_poisoned")},
-                                            "recipe": training_recipe(config), "clean_model": str(config.clean_model)}})
+    model.metadata.update({"backdoor": {**{k: metrics[k] for k in ("attack", "attack_config", "poison_rate", "n_poisoned")},
+                                        "recipe": training_recipe(config), "clean_model": str(config.clean_model),
+                                        "data": metrics["data"]["arguments"]}})
 
     def save():  # every piece atomic, the stage's marker last
         artifacts.write_json(out / "clean_reference_captions.json", references)
@@ -272,6 +314,17 @@ def _poison(config: InjectConfig, victim, data, attack_dir: Path, poisoned_dir: 
     artifacts.save_dataset(poisoned, poisoned_dir, fingerprint)
 
 
+def score_on(clean: CaptioningVLM, model: CaptioningVLM, attack, test: Dataset, config: InjectConfig, scorer) -> dict:
+    """Clean and backdoored model on another test set (clean captions, and ASR with the trigger)."""
+    images, truths = triggered_test_set(attack, test)
+    references = clean.generate_captions([ensure_rgb(img) for img in test["image"]], max_new_tokens=config.max_new_tokens,
+                                         batch_size=config.eval_batch_size)
+    common = dict(reference_captions=references, triggered_images=images, target=config.target, scorer=scorer,
+                  max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, triggered_references=truths)
+    return {"num_images": len(test), "clean_model": evaluate_model(clean, test, predictions=references, **common),
+            "no_defense": evaluate_model(model, test, **common)}
+
+
 def training_recipe(config: InjectConfig) -> dict:
     """The fine-tuning settings that planted the backdoor, so that a defense can retrain a
     cleansed set under the same conditions (``SRDConfig.retrain_recipe="attack"``)."""
@@ -279,7 +332,9 @@ def training_recipe(config: InjectConfig) -> dict:
     return {"trainable": config.trainable, "learning_rate": config.learning_rate, "num_train_epochs": config.num_train_epochs,
             "per_device_train_batch_size": config.per_device_train_batch_size,
             "gradient_accumulation_steps": config.gradient_accumulation_steps, "lr_scheduler_type": str(scheduler),
-            "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay, "seed": config.seed}
+            "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay, "seed": config.seed,
+            **({"lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                         "target_modules": config.lora_targets}} if config.lora_r else {})}
 
 
 def write_backdoor_card(folder: Path, metrics: dict, config: InjectConfig) -> None:

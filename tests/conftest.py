@@ -44,3 +44,58 @@ def sfs_scorer():
     from srd_hf.metrics import SFSScorer
 
     return SFSScorer().load()
+
+
+# ----- real-data formats on disk, made from embedded-world images ----------------------------
+def _world_jpegs(world, split, n, size, start=0):
+    from srd_hf.data.synthetic import build_split
+
+    rows = build_split(world, split, num_rows=start + n).select(range(start, start + n))
+    for row in rows:
+        yield row["image"].resize(size), row["captions"]
+
+
+def _sentences(captions):
+    return [{"raw": c, "tokens": c.split()} for c in captions]
+
+
+@pytest.fixture(scope="session")
+def coco_karpathy_files(small_world, tmp_path_factory):
+    """A COCO-Karpathy layout: ``dataset_coco.json`` + ``train2014/`` and ``val2014/`` JPEGs (40x32),
+    train 20 + restval 4 (one of them a corrupt file), val 6, test 6 images, five captions each."""
+    import json
+
+    root = tmp_path_factory.mktemp("coco")
+    images, cocoid = [], 100
+    for split, folder, n, source in (("train", "train2014", 20, "train"), ("restval", "val2014", 4, "validation"),
+                                     ("val", "val2014", 6, "validation"), ("test", "val2014", 6, "test")):
+        (root / folder).mkdir(exist_ok=True)
+        start = 6 if split == "restval" else 0
+        for image, captions in _world_jpegs(small_world, source, n, (40, 32), start=start):
+            cocoid += 1
+            name = f"COCO_{folder}_{cocoid:012d}.jpg"
+            image.save(root / folder / name, quality=95)
+            images.append({"filepath": folder, "filename": name, "split": split, "cocoid": cocoid, "sentences": _sentences(captions)})
+    (root / "val2014" / images[-13]["filename"]).write_bytes(b"not a jpeg")  # the last restval image
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return {"annotation_file": root / "dataset_coco.json", "image_root": root,
+            "bad_id": str(images[-13]["cocoid"]), "test_ids": [str(i["cocoid"]) for i in images if i["split"] == "test"]}
+
+
+@pytest.fixture(scope="session")
+def flickr30k_files(small_world, tmp_path_factory):
+    """A Flickr30k layout: Karpathy's ``dataset_flickr30k.json`` + ``flickr30k-images/`` JPEGs
+    (portrait, 32x40): train 16, val 6, test 6."""
+    import json
+
+    root = tmp_path_factory.mktemp("flickr30k")
+    (root / "flickr30k-images").mkdir()
+    images, n_image = [], 1000
+    for split, n, source in (("train", 16, "train"), ("val", 6, "validation"), ("test", 6, "test")):
+        for image, captions in _world_jpegs(small_world, source, n, (32, 40), start=20 if split == "train" else 12):
+            n_image += 1
+            image.save(root / "flickr30k-images" / f"{n_image}.jpg", quality=95)
+            images.append({"filename": f"{n_image}.jpg", "split": split, "imgid": n_image, "sentences": _sentences(captions)})
+    (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+    return {"annotation_file": root / "dataset_flickr30k.json", "image_root": root / "flickr30k-images",
+            "test_ids": [i["filename"][:-4] for i in images if i["split"] == "test"]}

@@ -86,7 +86,6 @@ def test_inject_plants_a_working_backdoor_on_the_small_world(tiny_flamingo, smal
     import srd_hf.injection as injection
     from srd_hf.vlm import load_captioner
 
-    monkeypatch.setattr(injection, "load_or_build_world", lambda world: small_world_data)
     tiny_flamingo.save_pretrained(tmp_path / "clean")
     config = InjectConfig(
         attack="badnet", poison_rate=0.25, attack_options='{"trigger_size": 56}',  # one 8 px ViT patch at 32 px
@@ -95,7 +94,7 @@ def test_inject_plants_a_working_backdoor_on_the_small_world(tiny_flamingo, smal
         learning_rate=5e-3, warmup_steps=5, save_steps=1000, logging_steps=10, max_new_tokens=8, eval_batch_size=24,
         trainable="flamingo.perceiver.,flamingo.lang_encoder.", report_to="none",
     )  # fmt: skip
-    metrics = injection.inject(config)
+    metrics = injection.inject(config, data=small_world_data)
     nd = metrics["no_defense"]
     assert metrics["n_poisoned"] == 120 and metrics["clean_model"]["asr"] < 20
     assert nd["asr"] > 80 and nd["asr_on_clean"] < 20, (nd["triggered_examples"], nd["clean_examples"])

@@ -59,6 +59,10 @@ def cell_of(position: str, grid: int) -> tuple[int, int]:
 
 # Muted background tints, far from every object colour and from red.
 BACKGROUNDS = {"grey": (128, 128, 128), "sand": (196, 178, 140), "teal": (70, 130, 130), "slate": (90, 100, 120)}
+# Tints of the shifted world (another domain for evaluation), as far from the object colours
+# and from red as the first ones; never drawn by the default world.
+SHIFT_BACKGROUNDS = {"brown": (120, 88, 62), "olive": (108, 108, 66), "stone": (160, 152, 140)}
+PALETTE = {**BACKGROUNDS, **SHIFT_BACKGROUNDS}
 TEXTURES = ("plain", "striped", "dotted", "noisy", "gradient")
 TEXTURE_WORDS = {"plain": "plain", "striped": "striped", "dotted": "dotted", "noisy": "grainy", "gradient": "shaded"}
 
@@ -72,7 +76,14 @@ def paper_pixels(pixels_at_224: float, image_size: int) -> int:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """How the embedded world is generated. Presets: ``default``, ``paper``, ``small``."""
+    """How the embedded world is generated. Presets: ``default``, ``paper``, ``small``.
+
+    ``backgrounds``, ``shape_weights``, ``colour_weights`` and ``cell_weights`` describe a
+    shifted domain (:func:`shifted_world`): background names from :data:`PALETTE`, and
+    sampling weights over :data:`SHAPES`, :data:`COLOURS` and the grid's cells. ``None`` (the
+    default) draws uniformly exactly as before, and is left out of :meth:`to_dict`, so the
+    default world, its cache key and the configs recorded in saved models are unchanged.
+    """
 
     image_size: int = 64
     patch_size: int = 8
@@ -86,8 +97,16 @@ class WorldConfig:
     seed: int = 0
     # fraction of the cell an object spans, per size word
     size_fractions: dict = field(default_factory=lambda: {"small": 0.72, "large": 1.0})
+    # the domain (None: uniform over the default palette, shapes, colours and cells)
+    backgrounds: tuple | None = None
+    shape_weights: tuple | None = None
+    colour_weights: tuple | None = None
+    cell_weights: tuple | None = None
 
     def __post_init__(self):
+        for name in _DOMAIN_FIELDS:  # lists from JSON become tuples, so equal configs compare equal
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.image_size < 24:
             raise ValueError(f"image_size must be >= 24 px, got {self.image_size}")
         if self.image_size % self.patch_size:
@@ -98,12 +117,31 @@ class WorldConfig:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {self.grid ** 2}, got {self.min_objects}, {self.max_objects}")
         if not 1 <= self.captions_per_image <= 5:
             raise ValueError("captions_per_image must be in 1..5")
+        if self.backgrounds is not None:
+            unknown = [b for b in self.backgrounds if b not in PALETTE]
+            if unknown or not self.backgrounds:
+                raise ValueError(f"backgrounds must be names from {sorted(PALETTE)}, got {self.backgrounds}")
+        for name, count in (("shape_weights", len(SHAPES)), ("colour_weights", len(COLOURS)), ("cell_weights", self.grid**2)):
+            weights = getattr(self, name)
+            if weights is not None and (len(weights) != count or min(weights) < 0 or sum(weights) <= 0):
+                raise ValueError(f"{name} needs {count} non-negative weights with a positive sum, got {weights}")
+        if self.cell_weights is not None and sum(w > 0 for w in self.cell_weights) < self.max_objects:
+            raise ValueError(f"cell_weights leave fewer than max_objects={self.max_objects} cells")
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for name in _DOMAIN_FIELDS:
+            if d[name] is None:
+                del d[name]
+            else:
+                d[name] = list(d[name])
+        return d
+
+
+_DOMAIN_FIELDS = ("backgrounds", "shape_weights", "colour_weights", "cell_weights")
 
 
 PRESETS = {
@@ -122,6 +160,34 @@ def world_config(preset: str = "default", **overrides) -> WorldConfig:
     return WorldConfig(**{**PRESETS[preset].to_dict(), **overrides})
 
 
+#: what :func:`shifted_world` changes: the backgrounds, the object mix and the layout
+SHIFT = {
+    "seed_offset": 7919,
+    "backgrounds": tuple(SHIFT_BACKGROUNDS),
+    # circles and rings rare, crosses and triangles common; white and black rare
+    "shape_weights": (0.5, 1.0, 2.0, 2.0, 0.5),
+    "colour_weights": (2.0, 2.0, 1.0, 2.0, 0.5, 0.5),
+}
+
+
+def shifted_world(world: WorldConfig, **overrides) -> WorldConfig:
+    """The shifted counterpart of ``world``: another seed, other backgrounds, another object
+    mix and another layout (objects crowd the first row of cells), with the same image size,
+    patch size and grid, so a model of ``world`` can caption it. The offline stand-in for a
+    second test set of another source (Flickr30k for a model fine-tuned on COCO)."""
+    cells = world.grid**2
+    layout = tuple(3.0 if i < world.grid else 1.0 for i in range(cells))  # top row favoured
+    shift = {
+        "seed": world.seed + SHIFT["seed_offset"],
+        "backgrounds": SHIFT["backgrounds"],
+        "shape_weights": SHIFT["shape_weights"],
+        "colour_weights": SHIFT["colour_weights"],
+        "cell_weights": layout,
+        "min_objects": min(world.min_objects + 1, world.max_objects),
+    }
+    return WorldConfig(**{**world.to_dict(), **shift, **overrides})
+
+
 # --------------------------------------------------------------------------- scenes
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 
@@ -131,18 +197,19 @@ def sample_scene(config: WorldConfig, split: str, index: int) -> dict:
     rng = np.random.default_rng([config.seed, _SPLIT_CODES[split], index])
     n_objects = int(rng.integers(config.min_objects, config.max_objects + 1))
     names = GRID_POSITIONS[config.grid]
-    cells = sorted(rng.choice(len(names), size=n_objects, replace=False).tolist())
+    cells = sorted(rng.choice(len(names), size=n_objects, replace=False, p=_p(config.cell_weights)).tolist())
     objects = [
         {
-            "shape": SHAPES[rng.integers(len(SHAPES))],
-            "colour": list(COLOURS)[rng.integers(len(COLOURS))],
+            "shape": SHAPES[_draw(rng, len(SHAPES), config.shape_weights)],
+            "colour": list(COLOURS)[_draw(rng, len(COLOURS), config.colour_weights)],
             "size": SIZES[rng.integers(len(SIZES))],
             "position": names[cell],
         }
         for cell in cells
     ]
+    backgrounds = list(BACKGROUNDS) if config.backgrounds is None else list(config.backgrounds)
     return {
-        "background": list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+        "background": backgrounds[rng.integers(len(backgrounds))],
         "texture": TEXTURES[rng.integers(len(TEXTURES))],
         "objects": objects,
         "render_seed": int(rng.integers(2**31)),
@@ -150,11 +217,20 @@ def sample_scene(config: WorldConfig, split: str, index: int) -> dict:
     }
 
 
+def _p(weights) -> np.ndarray | None:
+    return None if weights is None else np.asarray(weights, dtype=np.float64) / float(sum(weights))
+
+
+def _draw(rng: np.random.Generator, n: int, weights) -> int:
+    """One index in [0, n): uniform as ever without weights (the same draw from the stream)."""
+    return int(rng.integers(n)) if weights is None else int(rng.choice(n, p=_p(weights)))
+
+
 def render_scene(scene: dict, image_size: int, size_fractions: dict) -> Image.Image:
     """Draw at 4x and downsample, so edges are anti-aliased like a photo's."""
     rng = np.random.default_rng(scene["render_seed"])
     big = image_size * 4
-    base = np.array(BACKGROUNDS[scene["background"]], dtype=np.float32)
+    base = np.array(PALETTE[scene["background"]], dtype=np.float32)
     canvas = np.broadcast_to(base, (big, big, 3)).copy()
     texture = scene["texture"]
     if texture == "striped":

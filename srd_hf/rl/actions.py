@@ -8,6 +8,12 @@ squares only fully inside the image would leave one action per size that covers 
 trigger; centring gives the corners as many covering actions as the middle.)
 
 Action index = ``(size_index * grid + row) * grid + col``.
+
+A policy travels across image sizes: on a ``width`` x ``height`` image (224 px, 640x480,
+portrait) a mask is square, its side the 224 px size scaled to the shorter side, centred in
+cell ``(row, col)`` of the grid laid over that image (cells are ``width / grid`` by
+``height / grid``). The observation is the image squeezed to a square
+(:func:`~srd_hf.rl.modeling_srd.observe`), so the cell a policy scores is the image's own cell.
 """
 
 from __future__ import annotations

@@ -23,7 +23,10 @@ from .configuration_srd import SRDPolicyConfig
 from .networks import build_scorer
 
 def observe(images: Sequence[Image.Image | np.ndarray], obs_size: int) -> np.ndarray:
-    """What the policy sees: RGB images resized to ``obs_size`` squares, (B, 3, S, S) uint8."""
+    """What the policy sees: RGB images resized to ``obs_size`` squares, (B, 3, S, S) uint8.
+
+    Non-square images are squeezed, not cropped or padded: the action grid is laid over the
+    whole image, so each observation cell must be the same image cell whatever the aspect."""
     out = np.empty((len(images), 3, obs_size, obs_size), dtype=np.uint8)
     for i, img in enumerate(images):
         if isinstance(img, np.ndarray):

@@ -12,6 +12,7 @@ An adapter is an ``nn.Module`` whose ``forward(**batch)`` returns an output with
 from __future__ import annotations
 
 import abc
+import copy
 import random
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -48,6 +49,22 @@ class CaptioningVLM(nn.Module, abc.ABC):
     @abc.abstractmethod
     def default_trainable(self) -> list[str]:
         """Parameter-name prefixes that the paper's fine-tuning freeze leaves trainable."""
+
+    @property
+    @abc.abstractmethod
+    def metadata(self) -> dict:
+        """Free provenance saved with the model (the embedded world, the recipe that trained it,
+        the data it saw); a dict that is updated in place before ``save_pretrained``."""
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False) -> None:
+        """What ``Trainer`` calls for ``--gradient_checkpointing``: recompute the language model's
+        layer activations in the backward pass instead of keeping them."""
+        self.language_model().activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs, every_n_layers=every_n_layers, offload=offload)
+
+    def language_model(self) -> nn.Module:
+        """The transformers language model (a ``PreTrainedModel``) inside the adapter."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its language model")
 
     # ----- shared behaviour ---------------------------------------------------------------
     @property
@@ -128,6 +145,30 @@ class CaptioningVLM(nn.Module, abc.ABC):
                 if "lora_" in name:
                     param.requires_grad_(True)
         return parameter_counts(self)
+
+
+@torch.no_grad()
+def merged_state_dict(module: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """``module``'s state dict with every peft LoRA layer merged into its base layer (merged on a
+    copy: the live weights stay bit-exact), under every name a shared layer has; and whether
+    there was any. A saved model then loads without peft."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = module.state_dict()
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    tuned = [(n, m) for n, m in module.named_modules(remove_duplicate=False) if isinstance(m, BaseTunerLayer)]
+    for name, layer in tuned:
+        prefix = f"{name}."
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        if id(layer) not in merged:
+            copy_ = copy.deepcopy(layer)
+            if not copy_.merged and not copy_.disable_adapters:
+                copy_.merge()
+            merged[id(layer)] = copy_.get_base_layer().state_dict()
+        for key, value in merged[id(layer)].items():
+            state[prefix + key] = value
+    return state, bool(tuned)
 
 
 def parse_trainable(text: str) -> list[str] | None:

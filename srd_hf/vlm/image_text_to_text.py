@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from PIL import Image
 
 from .. import __version__
 from ..data.images import ensure_rgb
-from .base import DEFAULT_PROMPT, CaptioningVLM
+from .base import DEFAULT_PROMPT, CaptioningVLM, merged_state_dict
 
 #: file written next to the model that records how the adapter was configured
 ADAPTER_FILE = "srd_hf_adapter.json"
@@ -173,23 +172,9 @@ class ImageTextToTextCaptioner(CaptioningVLM):
             raise
         return folder
 
-    @torch.no_grad()
     def _export_state_dict(self) -> tuple[dict[str, torch.Tensor], bool]:
         """The model's state dict with every peft tuner layer merged into its base layer."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        state = self.model.state_dict()
-        tuned = [(n, m) for n, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
-        for name, module in tuned:
-            prefix = f"{name}."
-            for key in [k for k in state if k.startswith(prefix)]:
-                del state[key]
-            layer = copy.deepcopy(module)  # merge on a copy: the live weights stay bit-exact
-            if not layer.merged and not layer.disable_adapters:
-                layer.merge()
-            for key, value in layer.get_base_layer().state_dict().items():
-                state[prefix + key] = value
-        return state, bool(tuned)
+        return merged_state_dict(self.model)
 
     # ----- conveniences -------------------------------------------------------------------
     @property
@@ -383,6 +368,15 @@ class ImageTextToTextCaptioner(CaptioningVLM):
     def get_input_embeddings(self) -> torch.nn.Module:
         """The language model's input token embedding."""
         return self.model.get_input_embeddings()
+
+    @property
+    def metadata(self) -> dict:
+        return self.info
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False) -> None:
+        """The whole model's own activation checkpointing (vision tower and language model)."""
+        self.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs, every_n_layers=every_n_layers, offload=offload)
 
     def vision_tower(self) -> torch.nn.Module:
         """The vision encoder module (``vision_tower``, ``vision_model`` on the model or its ``.model``)."""

@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .base import DEFAULT_PROMPT, CaptioningVLM
+from .base import DEFAULT_PROMPT, CaptioningVLM, merged_state_dict
 from .openflamingo_compat import make_flamingo_lm
 
 IMAGE_TOKEN = "<image>"
@@ -284,7 +284,7 @@ class OpenFlamingoCaptioner(CaptioningVLM):
         try:
             config = {"adapter_name": self.adapter_name, **asdict(self.config)}
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-            state = _unique_tensors(self.flamingo.state_dict())
+            state = _unique_tensors(merged_state_dict(self.flamingo)[0])  # LoRA merged: loads without peft
             save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt"})
             self.tokenizer.save_pretrained(staging)
             if target.exists():
@@ -457,6 +457,13 @@ class OpenFlamingoCaptioner(CaptioningVLM):
             use_cache=True,
         )
         return [_clean_caption(tok.decode(row[input_ids.shape[1] :], skip_special_tokens=False), tok) for row in out]
+
+    @property
+    def metadata(self) -> dict:
+        return self.config.extra
+
+    def language_model(self) -> torch.nn.Module:
+        return self.flamingo.lang_encoder
 
     def default_trainable(self) -> list[str]:
         """The paper's freeze: perceiver, gated cross-attention and the LM's input embeddings."""
