@@ -143,7 +143,8 @@ def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, 
     flagged_set = masked.add_column("srd_flagged", [bool(f) for f in flagged])
     cleansed = apply_caption_policy(flagged_set, flagged, poisoned_captions, relabels)
     report = {"flag_rate": flag_rate, "threshold": threshold, "n_samples": len(untrusted), "n_flagged": int(flagged.sum()),
-              "poisoned_captions": poisoned_captions, "n_kept": len(cleansed), "split_for_threshold": "validation"}
+              "poisoned_captions": poisoned_captions, "n_kept": len(cleansed), "split_for_threshold": "validation",
+              "flagged_rows": np.flatnonzero(flagged).tolist()}
     logger.info("SRD flagged %d of %d samples (mask-changed captions, threshold %.3f)", flagged.sum(), len(untrusted), threshold)
     return cleansed, report
 
@@ -183,6 +184,6 @@ def disagreement_filter(untrusted: Dataset, victim, reference, scorer, *, valida
     flagged = agreement < threshold
     kept = untrusted.select(np.flatnonzero(~flagged))
     report = {"flag_rate": flag_rate, "threshold": threshold, "n_samples": len(untrusted), "n_flagged": int(flagged.sum()),
-              "n_kept": len(kept), "split_for_threshold": "validation"}
+              "n_kept": len(kept), "split_for_threshold": "validation", "flagged_rows": np.flatnonzero(flagged).tolist()}
     logger.info("disagreement filter dropped %d of %d samples (threshold %.3f)", flagged.sum(), len(untrusted), threshold)
     return kept, report

@@ -641,6 +641,7 @@ def run_one_seed(cfg: SRDConfig) -> dict:
         datasets["disagreement filter"], reports["disagreement filter"] = dataset_stage(
             cfg.out / "disagreement-filter", fingerprints.disagreement(cfg, scorer), build, "disagreement filter")
         on_main(lambda: artifacts.write_json(cfg.out / "disagreement-filter.json", reports["disagreement filter"]))
+    detection = {name: flag_quality(report.get("flagged_rows"), inputs.untrusted) for name, report in reports.items()}
     lap("cleanse")
 
     # retraining: control first (no control that plants, no claim)
@@ -681,7 +682,9 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     results = {"attack": cfg.attack, "poison_rate": cfg.poison_rate, "algorithm": cfg.algorithm, "policy_data": cfg.protocols,
                "split": cfg.eval_split, "threshold_split": "validation", "num_test_images": len(test), "seed": cfg.seed,
                "attack_seed": cfg.attack_seed, "policy_seed": cfg.policy_seed, "retraining_recipe": recipe,
-               "control_reuses_backdoored_model": control_reused, "cleansing": reports, "mechanism": mechanism,
+               "control_reuses_backdoored_model": control_reused,
+               "cleansing": {n: {k: v for k, v in r.items() if k != "flagged_rows"} for n, r in reports.items()},
+               "detection": detection, "mechanism": mechanism,
                "scorer": scorer_record(scorer), "rows": rows}
     if target_check:
         results["target_check"] = target_check
@@ -689,6 +692,18 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     results["stage_seconds"] = seconds
     on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))
     return results
+
+
+def flag_quality(flagged_rows, untrusted: Dataset) -> dict | None:
+    """Evaluation only: precision and recall of a cleanser's flags against ``is_poisoned``."""
+    if flagged_rows is None or "is_poisoned" not in untrusted.column_names:
+        return None
+    poisoned = np.asarray(untrusted["is_poisoned"], dtype=bool)
+    flagged = np.zeros(len(poisoned), dtype=bool)
+    flagged[list(flagged_rows)] = True
+    hits = int((flagged & poisoned).sum())
+    return {"precision": hits / max(int(flagged.sum()), 1), "recall": hits / max(int(poisoned.sum()), 1),
+            "n_flagged": int(flagged.sum()), "n_poisoned": int(poisoned.sum())}
 
 
 def _with_coverage(row: dict, summary: dict | None) -> dict:
@@ -728,7 +743,7 @@ def run_pipeline(cfg: SRDConfig) -> dict:
         results = {**per_seed[0], "seeds": seeds}
     else:
         results = {k: v for k, v in per_seed[0].items() if k not in ("rows", "stage_seconds", "seed", "attack_seed", "policy_seed",
-                                                                      "cleansing", "mechanism")}
+                                                                      "cleansing", "mechanism", "detection")}
         results.update(seeds=seeds, rows=tables.aggregate_seeds(per_seed), per_seed=[str(cfg.out / f"seed-{s}" / cfg.results_file) for s in seeds],
                        defense_measurable=all(r["defense_measurable"] for r in per_seed),
                        stage_seconds={k: sum(r["stage_seconds"].get(k, 0) for r in per_seed) for k in per_seed[0]["stage_seconds"]})

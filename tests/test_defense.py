@@ -212,6 +212,9 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
     assert results["defense_measurable"] is (rows[control]["asr"] >= MEASURABLE_ASR)
     assert results["split"] == "test" and results["threshold_split"] == "validation" and results["seeds"] == [0]
     assert results["cleansing"]["disagreement filter"]["split_for_threshold"] == "validation"
+    for name in ("srd (untrusted policy)", "srd (defender policy)", "disagreement filter"):  # evaluation reads is_poisoned
+        quality = results["detection"][name]
+        assert 0 <= quality["precision"] <= 1 and 0 <= quality["recall"] <= 1 and quality["n_poisoned"] == 60, name
     seed_dir = out / "seed-0"
     for path in ("policy-untrusted/config.json", "policy-defender/model.safetensors", "cleansed-untrusted/dataset_info.json",
                  "masked-defender/dataset_info.json", "random-masks/dataset_info.json", "disagreement-filter/dataset_info.json",
