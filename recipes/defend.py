@@ -57,11 +57,11 @@ class DefendConfig(SRDConfig):
         return defense_from_dict(self.defense, self.defense_options)
 
 
-def run(cfg: DefendConfig) -> dict:
+def run(cfg: DefendConfig, scorer: SFSScorer | None = None) -> dict:
     defense = cfg.make_defense()
     cfg.out.mkdir(parents=True, exist_ok=True)
     inputs = load_inputs(cfg)
-    scorer = SFSScorer().load()
+    scorer = scorer or SFSScorer().load()
     recipe = retraining_recipe(cfg, inputs.victim)
     test = inputs.world["test"].select(range(min(cfg.num_test_images, len(inputs.world["test"]))))
     triggered, truths = triggered_test_set(inputs.attack, test)
@@ -98,8 +98,10 @@ def run(cfg: DefendConfig) -> dict:
             model = defense.train(inputs.untrusted, start_model_path=cfg.clean_model, recipe=recipe, output_dir=cfg.out / f"train-{tag}")
             report = defense.report
     rows[defense.name] = evaluate_model(model, test, triggered_images=triggered, **common)
-    if defense.kind == "test_time":
-        report["inference"] = model.report  # flags and overhead on the test images
+    cost = dict(report.get("cost", {}))
+    if defense.kind == "test_time":  # its cost is captioning through it (clean and triggered test images), plus calibration
+        report["inference"] = model.report
+        cost = {**model.report["cost"], "calibration": report["cost"]}
 
     flagged = report.get("flagged_indices", report.get("isolated_indices"))
     detection = None
@@ -110,7 +112,7 @@ def run(cfg: DefendConfig) -> dict:
     results = {"attack": cfg.attack, "poison_rate": cfg.poison_rate, "defense": defense.name, "kind": defense.kind,
                "defense_config": defense.config.to_dict(), "split": "test", "threshold_split": "validation",
                "num_test_images": len(test), "seed": cfg.seed, "retraining_recipe": recipe, "scorer": scorer_record(scorer),
-               "report": report, "cost": report.get("cost", {}), "detection": detection, "rows": rows,
+               "report": report, "cost": cost, "detection": detection, "rows": rows,
                "command": f"python recipes/defend.py --defense {defense.name} --attack {cfg.attack}"}
     results["defense_measurable"] = tables.defense_measurable(rows)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
@@ -118,8 +120,8 @@ def run(cfg: DefendConfig) -> dict:
     return results
 
 
-def main(config: DefendConfig) -> dict:
-    results = run(config)
+def main(config: DefendConfig, scorer: SFSScorer | None = None) -> dict:
+    results = run(config, scorer)
     print(f"\n{results['defense']} ({results['kind']}) against {config.attack} at {config.poison_rate:g} "
           f"({results['num_test_images']} test images; ASR on the same images with the trigger)\n")
     if not results["defense_measurable"]:

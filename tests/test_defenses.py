@@ -20,9 +20,10 @@ RECIPE = {"trainable": TRAINABLE, "learning_rate": 1e-2, "num_train_epochs": 3, 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def few_threads():
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster and immune to a busy machine's oversubscription."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
@@ -205,6 +206,27 @@ def test_attention_pruning_flags_triggered_inputs_and_leaves_clean_captions(plan
         get_defense("attention_pruning").wrap(victim)
 
 
+def test_attention_pruning_on_a_transformers_vlm():
+    """Best effort on the transformers adapter (a tiny random LLaVA): attention to the image
+    tokens is read, thresholds calibrate, patches are painted; token dropping is refused."""
+    from test_vlm_image_text_to_text import make_images, make_llava
+
+    from srd_hf.vlm.image_text_to_text import ImageTextToTextCaptioner
+
+    captioner = ImageTextToTextCaptioner(*make_llava())
+    images = make_images()
+    with pytest.raises(ValueError, match="only OpenFlamingo"):
+        get_defense("attention_pruning").calibrate(captioner, images)
+    pruning = get_defense("attention_pruning", prune="patches", flag_rate=0.25, max_new_tokens=4)
+    pruning.calibrate(captioner, images)
+    relevance = pruning.relevance(captioner, images, captioner.generate_captions(images, max_new_tokens=4))
+    assert relevance.shape == (4, 16) and np.allclose(relevance.sum(1), 1.0, atol=1e-4)
+    wrapped = pruning.wrap(captioner)
+    plain = captioner.generate_captions(images, max_new_tokens=4)
+    defended = wrapped.generate_captions(images, max_new_tokens=4)
+    assert [d for d, f in zip(defended, wrapped.last_flags) if not f] == [p for p, f in zip(plain, wrapped.last_flags) if not f]
+
+
 # ----------------------------------------------------------------------------- SRD adapters
 def test_srd_and_baselines_on_the_interface(planted, sfs_scorer):
     from srd_hf.rl import SRDPolicy, SRDPolicyConfig
@@ -217,7 +239,52 @@ def test_srd_and_baselines_on_the_interface(planted, sfs_scorer):
     masked, report = get_defense("random_masks", policy=policy).cleanse(untrusted, **common)
     assert len(masked) == len(untrusted) and report["flagged_indices"] == []
     kept, report = get_defense("disagreement_filter", flag_rate=0.05, max_new_tokens=8).cleanse(untrusted, **common)
-    _detected("disagreement filter", report["flagged_indices"], untrusted)
-    assert "_row" not in kept.column_names and len(kept) == report["n_kept"]
-    for r in (report,):
-        _check_cost(r["cost"])
+    # no detection claim: the tiny trusted captioner disagrees with the victim on clean images as much as on poisoned ones
+    scores = detection_scores(report["flagged_indices"], untrusted["is_poisoned"])
+    print(f"disagreement filter: precision {scores['precision']:.2f}, recall {scores['recall']:.2f}, flagged {scores['n_flagged']}")
+    assert "_row" not in kept.column_names and len(kept) == report["n_kept"] == len(untrusted) - len(report["flagged_indices"])
+    _check_cost(report["cost"])
+
+
+# ----------------------------------------------------------------------------- recipe
+def _defend_recipe():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("defend_recipe", Path(__file__).resolve().parent.parent / "recipes" / "defend.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the Trainer pickles the config: its class must be importable by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defend_recipe_config_errors(tmp_path):
+    recipe = _defend_recipe()
+    assert recipe.DefendConfig(output_dir=str(tmp_path)).defense == "abl"
+    assert recipe.DefendConfig(defense="vdc").output_dir == "outputs/defend/badnet-0.1/vdc"
+    with pytest.raises(ValueError, match="unknown defense"):
+        recipe.DefendConfig(defense="strip", output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="answer"):
+        recipe.DefendConfig(defense="vdc", defense_options='{"answer": "guess"}', output_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("defense", ["vdc", "attention_pruning"])
+def test_defend_recipe_end_to_end(defense, planted, sfs_scorer, tmp_path, capsys):
+    recipe = _defend_recipe()
+    root = planted["root"]
+    cfg = recipe.DefendConfig(
+        defense=defense, defense_options='{"max_new_tokens": 8}', attack="badnet", clean_model=str(root / "clean"),
+        backdoored_model=str(root / "badnet" / "model"), poisoned_dataset=str(root / "badnet" / "poisoned_dataset"),
+        output_dir=str(tmp_path / defense), retrain_recipe="config", trainable=TRAINABLE, num_train_epochs=1, learning_rate=1e-2,
+        warmup_steps=0, num_test_images=8, max_new_tokens=8, eval_batch_size=32, num_trusted_images=0, save_steps=1000,
+        report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    results = recipe.main(cfg, scorer=sfs_scorer)
+    assert {"clean model", "no defense", defense} <= set(results["rows"]) and any(n.startswith("control") for n in results["rows"])
+    assert results["cost"]["seconds_per_1000_samples"] > 0 and results["kind"] in ("cleanser", "test_time")
+    saved = json.loads((tmp_path / defense / "results.json").read_text())
+    assert saved["rows"].keys() == results["rows"].keys() and "| " + defense in capsys.readouterr().out
+    assert (tmp_path / defense / "README.md").read_text().count("| no defense |") == 1
+    if defense == "vdc":
+        assert saved["detection"]["n_flagged"] == saved["report"]["n_flagged"]
