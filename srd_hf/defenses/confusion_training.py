@@ -118,5 +118,5 @@ class ConfusionTraining(DataCleanser):
             flagged = losses < threshold
         report.update(loss_threshold=float(threshold), validation_loss_median=float(np.median(val_losses)),
                       loss_median=float(np.median(losses)))
-        self.losses = losses
+        self.losses = losses  # per-sample caption losses under the confused model, for inspection
         return keep_unflagged(untrusted, flagged, report)
