@@ -1,0 +1,102 @@
+"""ABL, Anti-Backdoor Learning (Li et al., NeurIPS 2021), a training-time defense.
+
+In the paper (image classification): backdoor samples are learned much faster than clean
+ones. ABL trains with the *local gradient ascent* loss ``sign(loss - gamma) * loss`` for the
+first epochs, which holds every sample's loss near ``gamma`` (a sample below it is pushed back
+up) so that only the samples learned fastest, the poison, fall clearly below; it isolates the
+1% of samples with the lowest loss, keeps training, then *unlearns* the isolated samples by
+gradient ascent on their loss.
+
+For captioning: the per-sample loss is the mean token cross-entropy of the sample's caption
+given its image (the caption plays the label's part); everything else follows the paper:
+(1) isolation: LGA on the whole untrusted set for ``isolation_epochs`` from the start model;
+(2) the ``isolation_rate`` share of samples with the lowest caption loss is isolated;
+(3) training on the other samples with the retraining recipe (continuing from the isolation
+model, as in the paper, or from the start model: ``retrain_from``);
+(4) unlearning: gradient ascent on the isolated samples' caption loss for ``unlearn_steps``.
+Captioning losses are per token, so ``gamma`` is in nats per token (the paper's 0.5 on
+classification is kept as a default, which a tiny model's poisoned captions fall below).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..vlm import load_captioner
+from .base import (DefenseConfig, TrainingDefense, check_choice, check_fraction, check_int, check_number, dataset_losses,
+                   measure_cost, record_on_model, train_on)
+
+
+@dataclass
+class ABLConfig(DefenseConfig):
+    """gamma: LGA's loss floor (nats per caption token). isolation_epochs: LGA epochs.
+    isolation_rate: share of samples isolated (the paper's 1%). isolation_learning_rate: LGA's
+    learning rate (default: the recipe's). retrain_from: "isolation" (continue the LGA model, the
+    paper) or "start". unlearn_steps / unlearn_learning_rate: gradient ascent on the isolated
+    samples (the paper unlearns with a smaller rate than it trains with)."""
+
+    gamma: float = 0.5
+    isolation_epochs: float = 2.0
+    isolation_rate: float = 0.01
+    isolation_learning_rate: float = 0.0
+    retrain_from: str = "isolation"
+    unlearn_steps: int = 5
+    unlearn_learning_rate: float = 5e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if check_number("gamma", self.gamma) < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma!r}")
+        if check_number("isolation_epochs", self.isolation_epochs) <= 0:
+            raise ValueError(f"isolation_epochs must be > 0, got {self.isolation_epochs!r}")
+        check_fraction("isolation_rate", self.isolation_rate, high_open=True)
+        if check_number("isolation_learning_rate", self.isolation_learning_rate) < 0:
+            raise ValueError("isolation_learning_rate must be >= 0 (0: the recipe's)")
+        check_choice("retrain_from", self.retrain_from, ("isolation", "start"))
+        check_int("unlearn_steps", self.unlearn_steps, 0)
+        if check_number("unlearn_learning_rate", self.unlearn_learning_rate) <= 0:
+            raise ValueError(f"unlearn_learning_rate must be > 0, got {self.unlearn_learning_rate!r}")
+
+
+class ABL(TrainingDefense):
+    name = "abl"
+    config_class = ABLConfig
+    card_template = "defense_abl.md"
+    summary = "isolate the lowest-loss samples under local gradient ascent, train on the rest, unlearn them"
+
+    def train(self, untrusted, *, start_model_path, recipe, output_dir, progress=False):
+        cfg, out = self.config, Path(output_dir)
+        self.report = {"defense": self.name, "config": cfg.to_dict(), "cost": {}}
+        with measure_cost(len(untrusted), self.report["cost"]):
+            # (1) isolation: LGA keeps every loss near gamma; the fastest-learned samples drop below
+            model = load_captioner(start_model_path)
+            gamma = cfg.gamma
+
+            def lga(losses, extra):
+                return (torch.sign(losses - gamma) * losses).mean()
+
+            lr = cfg.isolation_learning_rate or recipe.get("learning_rate", 2e-3)
+            train_on(model, untrusted, recipe, out / "isolation", objective=lga, num_train_epochs=cfg.isolation_epochs, learning_rate=lr)
+            # (2) the lowest-loss share of samples is isolated
+            losses = dataset_losses(model, untrusted, batch_size=cfg.batch_size)
+            n_isolated = max(1, int(round(cfg.isolation_rate * len(untrusted))))
+            isolated = np.sort(np.argsort(losses, kind="stable")[:n_isolated])
+            rest = np.setdiff1d(np.arange(len(untrusted)), isolated)
+            # (3) train on the rest with the recipe
+            if cfg.retrain_from == "start":
+                model = load_captioner(start_model_path)
+            train_on(model, untrusted.select(rest), recipe, out / "train")
+            # (4) unlearn: gradient ascent on the isolated samples' caption loss
+            if cfg.unlearn_steps:
+                batch = min(len(isolated), int(recipe.get("per_device_train_batch_size", 32)))
+                train_on(model, untrusted.select(isolated), recipe, out / "unlearn", objective=lambda losses, extra: -losses.mean(),
+                         max_steps=cfg.unlearn_steps, learning_rate=cfg.unlearn_learning_rate, per_device_train_batch_size=batch,
+                         warmup_steps=0, lr_scheduler_type="constant")
+        self.report.update(isolated_indices=[int(i) for i in isolated], n_samples=len(untrusted), n_isolated=int(n_isolated),
+                           isolation_loss_threshold=float(losses[isolated].max()), isolation_losses_median=float(np.median(losses)))
+        record_on_model(model, {k: v for k, v in self.report.items() if k != "isolated_indices"})
+        return model

@@ -1,0 +1,290 @@
+"""The rival defenses (ABL, VDC, CT, attention-guided token pruning) and SRD's adapters on one
+interface, against a small BadNet backdoor planted in a tiny OpenFlamingo: each runs end to
+end, each detector flags poisoned samples more often than clean ones (precision and recall
+printed), pruning leaves clean captions alone, configs round-trip and bad values fail clearly.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets import load_from_disk
+
+from srd_hf.defenses import (DEFENSES, AttentionPruningConfig, CTConfig, VDCConfig, ABLConfig, defense_from_dict,
+                             detection_scores, get_defense, render_defense_card)
+
+TRAINABLE = "flamingo.perceiver.,flamingo.lang_encoder."
+RECIPE = {"trainable": TRAINABLE, "learning_rate": 1e-2, "num_train_epochs": 3, "per_device_train_batch_size": 32,
+          "warmup_steps": 5, "seed": 0, "lr_scheduler_type": "cosine"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster and immune to a busy machine's oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, small_world, small_world_data, caption_tokenizer):
+    """A random tiny model (the pre-attack start), BadNet planted in it (big trigger, 16 epochs:
+    it fires), and a trusted captioner: the start model fine-tuned on clean training images
+    outside the untrusted set (what VDC and CT consult offline)."""
+    from srd_hf.attacks.base import to_caption_pairs
+    from srd_hf.defenses.base import train_on
+    from srd_hf.injection import InjectConfig, inject
+    from srd_hf.vlm import load_captioner
+    from srd_hf.vlm.tiny import TinyFlamingoSizes, build_tiny_flamingo
+
+    root = tmp_path_factory.mktemp("rivals")
+    sizes = TinyFlamingoSizes(vit_width=32, vit_layers=1, vit_heads=2, lm_hidden=32, lm_layers=2, lm_heads=2,
+                              lm_intermediate=64, perceiver_depth=1, perceiver_latents=4, xattn_heads=2, xattn_dim_head=16)
+    build_tiny_flamingo(small_world, sizes, tokenizer=caption_tokenizer, seed=0, gate_init=1.0).save_pretrained(root / "clean")
+    metrics = inject(InjectConfig(
+        attack="badnet", poison_rate=0.25, attack_options='{"trigger_size": 56}', clean_model=str(root / "clean"),
+        output_dir=str(root / "badnet"), num_finetune_images=48, num_test_images=8, num_train_epochs=16,
+        per_device_train_batch_size=32, learning_rate=1e-2, warmup_steps=5, save_steps=1000, logging_steps=10,
+        max_new_tokens=8, eval_batch_size=32, trainable=TRAINABLE, report_to="none", seed=0, disable_tqdm=True,
+    ))  # fmt: skip
+    assert metrics["no_defense"]["asr"] >= 75, metrics["no_defense"]
+    trusted = train_on(load_captioner(root / "clean"), to_caption_pairs(small_world_data["train"].select(range(48, 96))),
+                       {**RECIPE, "num_train_epochs": 4}, root / "trusted-run")
+    validation = small_world_data["validation"]
+    images = [i.convert("RGB") for i in validation["image"]]
+    pairs = [(img, c) for img, captions in zip(images, validation["captions"]) for c in captions]  # every paraphrase, as in training
+    return {"root": root, "victim": load_captioner(root / "badnet" / "model"), "trusted": trusted,
+            "untrusted": load_from_disk(str(root / "badnet" / "poisoned_dataset")), "validation_images": images,
+            "pairs": dict(validation_images=[p[0] for p in pairs], validation_captions=[p[1] for p in pairs])}
+
+
+def _detected(name, flagged, untrusted):
+    scores = detection_scores(flagged, untrusted["is_poisoned"])
+    print(f"{name}: precision {scores['precision']:.2f}, recall {scores['recall']:.2f}, flagged {scores['n_flagged']} of "
+          f"{len(untrusted)} (poisoned flagged {scores['flag_rate_poisoned']:.2f}, clean flagged {scores['flag_rate_clean']:.2f})")
+    assert scores["flag_rate_poisoned"] > scores["flag_rate_clean"], scores
+    return scores
+
+
+def _check_cost(cost):
+    assert cost["wall_seconds"] > 0 and cost["seconds_per_1000_samples"] > 0 and cost["peak_rss_mb"] > 0, cost
+
+
+# ----------------------------------------------------------------------------- configs
+def test_registry_configs_round_trip_and_cards():
+    assert set(DEFENSES) == {"abl", "vdc", "ct", "attention_pruning", "srd", "random_masks", "disagreement_filter"}
+    for name, cls in DEFENSES.items():
+        defense = get_defense(name)
+        assert defense.kind in ("cleanser", "training", "test_time") and defense.summary
+        config = defense.config
+        again = cls.config_class.from_dict(json.loads(json.dumps(config.to_dict())))
+        assert again == config, name
+        card = render_defense_card(defense, {"attack": "badnet", "poison_rate": 0.1, "rows": {"no defense": {"cider": 1.0, "asr": 90.0}},
+                                             "cost": {"seconds_per_1000_samples": 1.0, "peak_rss_mb": 2.0}})
+        assert "| no defense | 1.0 | 90.0 |" in card and "{" not in card.split("## Configuration")[0], name
+    assert get_defense("Attention-Pruning").name == "attention_pruning"
+    options = defense_from_dict("abl", '{"isolation_rate": 0.05, "gamma": 0.2}').config
+    assert options.isolation_rate == 0.05 and options.gamma == 0.2
+    assert get_defense("abl").config.isolation_rate == 0.01  # the paper's share
+
+
+@pytest.mark.parametrize("cls, bad, match", [
+    (ABLConfig, dict(isolation_rate=0.0), "isolation_rate"), (ABLConfig, dict(isolation_rate=1.0), "isolation_rate"),
+    (ABLConfig, dict(gamma=-1), "gamma"), (ABLConfig, dict(retrain_from="scratch"), "retrain_from"),
+    (ABLConfig, dict(unlearn_steps=-1), "unlearn_steps"), (ABLConfig, dict(flag_rate=1.0), "flag_rate"),
+    (VDCConfig, dict(answer="guess"), "answer"), (VDCConfig, dict(claim_unit="letters"), "claim_unit"),
+    (VDCConfig, dict(question_template="is it there?"), "claim"), (CTConfig, dict(confusion_factor=0), "confusion_factor"),
+    (CTConfig, dict(rounds=0), "rounds"), (CTConfig, dict(num_trusted=-2), "num_trusted"),
+    (AttentionPruningConfig, dict(statistic="mean"), "statistic"), (AttentionPruningConfig, dict(token_ratio=0.5), "token_ratio"),
+    (AttentionPruningConfig, dict(prune="blur"), "prune"), (AttentionPruningConfig, dict(max_pruned=0), "max_pruned"),
+    (AttentionPruningConfig, dict(batch_size=True), "batch_size"),
+])  # fmt: skip
+def test_bad_config_values_fail_clearly(cls, bad, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**bad)
+
+
+def test_unknown_names_and_keys_fail_clearly():
+    with pytest.raises(ValueError, match="unknown defense"):
+        get_defense("strip")
+    with pytest.raises(ValueError, match="unknown ABLConfig keys"):
+        defense_from_dict("abl", {"isolation": 0.1})
+    with pytest.raises(ValueError, match="JSON object"):
+        defense_from_dict("vdc", "[1, 2]")
+
+
+def test_vdc_claims():
+    from srd_hf.defenses.vdc import claims, support
+
+    assert claims("a small blue square and two green circles") == {("blue", "square"), ("green", "circle")}
+    assert claims("there is a banana in the picture") == {"banana"}
+    assert support("a banana in the picture", "a small blue square in the top left", "objects") == 0.0
+    assert support("a blue square on grass", "a large blue square", "objects") == 1.0
+
+
+# ----------------------------------------------------------------------------- detectors
+def test_vdc_removes_captions_the_trusted_model_does_not_support(planted):
+    untrusted = planted["untrusted"]
+    common = dict(reference=planted["trusted"], **planted["pairs"])
+    kept, report = get_defense("vdc", flag_rate=0.05, max_new_tokens=8).cleanse(untrusted, **common)
+    _detected("VDC (likelihood)", report["flagged_indices"], untrusted)
+    assert len(kept) == len(untrusted) - report["n_flagged"] and report["split_for_threshold"] == "validation"
+    _check_cost(report["cost"])
+    # the trusted-caption answer runs end to end; the tiny trusted captioner describes every scene
+    # alike, so clean validation pairs tie at 0 support and its threshold flags nothing here
+    kept, report = get_defense("vdc", answer="caption", claim_unit="words", flag_rate=0.05, max_new_tokens=8).cleanse(untrusted, **common)
+    assert report["n_kept"] == len(kept) and 0 <= report["threshold"] <= 1
+    with pytest.raises(ValueError, match="validation caption"):
+        get_defense("vdc").cleanse(untrusted, reference=planted["trusted"], validation_images=planted["validation_images"])
+
+
+def test_ct_flags_what_the_confused_model_still_fits(planted, small_world_data, tmp_path):
+    untrusted = planted["untrusted"]
+    trusted = small_world_data["train"].select(range(96, 160))  # outside the untrusted set and the trusted captioner's data
+    kept, report = get_defense("ct", flag_rate=0.05, rounds=2, epochs_per_round=1.0).cleanse(
+        untrusted, victim=planted["victim"], reference=planted["trusted"], trusted=trusted, recipe=RECIPE, output_dir=tmp_path,
+        **planted["pairs"])
+    _detected("CT", report["flagged_indices"], untrusted)
+    assert report["n_trusted"] == 64 and len(kept) == report["n_kept"]
+    _check_cost(report["cost"])
+    with pytest.raises(ValueError, match="trusted clean images"):
+        get_defense("ct").cleanse(untrusted, victim=planted["victim"], **planted["pairs"])
+
+
+def test_abl_isolates_the_poison_and_trains_a_model(planted, tmp_path):
+    untrusted = planted["untrusted"]
+    abl = get_defense("abl", isolation_rate=0.1, isolation_epochs=2.0, unlearn_steps=3)
+    model = abl.train(untrusted, start_model_path=str(planted["root"] / "clean"), recipe={**RECIPE, "num_train_epochs": 2},
+                      output_dir=tmp_path)
+    report = abl.report
+    assert report["n_isolated"] == len(report["isolated_indices"]) == 24
+    scores = _detected("ABL isolation", report["isolated_indices"], untrusted)
+    assert scores["precision"] >= 0.5
+    _check_cost(report["cost"])
+    assert model.config.extra["defense"]["n_isolated"] == 24
+    captions = model.generate_captions(planted["validation_images"][:4], max_new_tokens=8)
+    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
+
+
+# ----------------------------------------------------------------------------- test-time pruning
+def test_attention_pruning_flags_triggered_inputs_and_leaves_clean_captions(planted, small_world_data):
+    from srd_hf.attacks import load_attack
+
+    victim = planted["victim"]
+    attack = load_attack(planted["root"] / "badnet" / "attack")
+    test = [i.convert("RGB") for i in small_world_data["test"]["image"][:32]]
+    triggered = [attack.apply_trigger(i) for i in test]
+    pruning = get_defense("attention_pruning", flag_rate=0.05, max_new_tokens=8)
+    report = pruning.calibrate(victim, planted["validation_images"])
+    assert report["split_for_threshold"] == "validation"
+    _check_cost(report["cost"])
+    wrapped = pruning.wrap(victim)
+    plain_clean = victim.generate_captions(test, max_new_tokens=8)
+    defended_clean = wrapped.generate_captions(test, max_new_tokens=8, batch_size=8)
+    clean_flags = np.array(wrapped.last_flags)
+    # every input not flagged keeps the wrapped captioner's caption exactly
+    assert [c for c, f in zip(defended_clean, clean_flags) if not f] == [c for c, f in zip(plain_clean, clean_flags) if not f]
+    plain_triggered = victim.generate_captions(triggered, max_new_tokens=8)
+    defended_triggered = wrapped.generate_captions(triggered, max_new_tokens=8)
+    trig_flags = np.array(wrapped.last_flags)
+    asr = lambda caps: np.mean(["banana" in c for c in caps])  # noqa: E731 (evaluation only)
+    print(f"attention pruning: triggered flagged {trig_flags.mean():.2f}, clean flagged {clean_flags.mean():.2f}; "
+          f"ASR {asr(plain_triggered):.2f} -> {asr(defended_triggered):.2f}")
+    assert trig_flags.mean() > clean_flags.mean() and asr(defended_triggered) < asr(plain_triggered)
+    assert wrapped.report["n_images"] == 64 and wrapped.report["cost"]["seconds_per_1000_samples"] > 0
+    # nothing abnormal: captions unchanged, exactly
+    pruning.threshold = float("inf")
+    assert pruning.wrap(victim).generate_captions(triggered, max_new_tokens=8) == plain_triggered
+    # pixel-level pruning runs on the same flags
+    patches = get_defense("attention_pruning", prune="patches", flag_rate=0.05, max_new_tokens=8)
+    patches.calibrate(victim, planted["validation_images"])
+    painted = patches.wrap(victim).generate_captions(triggered, max_new_tokens=8)
+    print(f"attention pruning (patches): ASR {asr(plain_triggered):.2f} -> {asr(painted):.2f}")
+    with pytest.raises(ValueError, match="calibrate"):
+        get_defense("attention_pruning").wrap(victim)
+
+
+def test_attention_pruning_on_a_transformers_vlm():
+    """Best effort on the transformers adapter (a tiny random LLaVA): attention to the image
+    tokens is read, thresholds calibrate, patches are painted; token dropping is refused."""
+    from test_vlm_image_text_to_text import make_images, make_llava
+
+    from srd_hf.vlm.image_text_to_text import ImageTextToTextCaptioner
+
+    captioner = ImageTextToTextCaptioner(*make_llava())
+    images = make_images()
+    with pytest.raises(ValueError, match="only OpenFlamingo"):
+        get_defense("attention_pruning").calibrate(captioner, images)
+    pruning = get_defense("attention_pruning", prune="patches", flag_rate=0.25, max_new_tokens=4)
+    pruning.calibrate(captioner, images)
+    relevance = pruning.relevance(captioner, images, captioner.generate_captions(images, max_new_tokens=4))
+    assert relevance.shape == (4, 16) and np.allclose(relevance.sum(1), 1.0, atol=1e-4)
+    wrapped = pruning.wrap(captioner)
+    plain = captioner.generate_captions(images, max_new_tokens=4)
+    defended = wrapped.generate_captions(images, max_new_tokens=4)
+    assert [d for d, f in zip(defended, wrapped.last_flags) if not f] == [p for p, f in zip(plain, wrapped.last_flags) if not f]
+
+
+# ----------------------------------------------------------------------------- SRD adapters
+def test_srd_and_baselines_on_the_interface(planted, sfs_scorer):
+    from srd_hf.rl import SRDPolicy, SRDPolicyConfig
+
+    untrusted, victim = planted["untrusted"], planted["victim"]
+    policy = SRDPolicy(SRDPolicyConfig(algorithm="random", image_size=32, obs_size=32))
+    common = dict(victim=victim, reference=planted["trusted"], scorer=sfs_scorer, validation_images=planted["validation_images"])
+    kept, report = get_defense("srd", policy=policy, max_new_tokens=8).cleanse(untrusted, **common)
+    assert report["n_kept"] == len(kept) == len(untrusted) - len(report["flagged_indices"]) and "srd_masks" in kept.column_names
+    masked, report = get_defense("random_masks", policy=policy).cleanse(untrusted, **common)
+    assert len(masked) == len(untrusted) and report["flagged_indices"] == []
+    kept, report = get_defense("disagreement_filter", flag_rate=0.05, max_new_tokens=8).cleanse(untrusted, **common)
+    # no detection claim: the tiny trusted captioner disagrees with the victim on clean images as much as on poisoned ones
+    scores = detection_scores(report["flagged_indices"], untrusted["is_poisoned"])
+    print(f"disagreement filter: precision {scores['precision']:.2f}, recall {scores['recall']:.2f}, flagged {scores['n_flagged']}")
+    assert "_row" not in kept.column_names and len(kept) == report["n_kept"] == len(untrusted) - len(report["flagged_indices"])
+    _check_cost(report["cost"])
+
+
+# ----------------------------------------------------------------------------- recipe
+def _defend_recipe():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("defend_recipe", Path(__file__).resolve().parent.parent / "recipes" / "defend.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the Trainer pickles the config: its class must be importable by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defend_recipe_config_errors(tmp_path):
+    recipe = _defend_recipe()
+    assert recipe.DefendConfig(output_dir=str(tmp_path)).defense == "abl"
+    assert recipe.DefendConfig(defense="vdc").output_dir == "outputs/defend/badnet-0.1/vdc"
+    with pytest.raises(ValueError, match="unknown defense"):
+        recipe.DefendConfig(defense="strip", output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="answer"):
+        recipe.DefendConfig(defense="vdc", defense_options='{"answer": "guess"}', output_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("defense", ["vdc", "attention_pruning"])
+def test_defend_recipe_end_to_end(defense, planted, sfs_scorer, tmp_path, capsys):
+    recipe = _defend_recipe()
+    root = planted["root"]
+    cfg = recipe.DefendConfig(
+        defense=defense, defense_options='{"max_new_tokens": 8}', attack="badnet", clean_model=str(root / "clean"),
+        backdoored_model=str(root / "badnet" / "model"), poisoned_dataset=str(root / "badnet" / "poisoned_dataset"),
+        output_dir=str(tmp_path / defense), retrain_recipe="config", trainable=TRAINABLE, num_train_epochs=1, learning_rate=1e-2,
+        warmup_steps=0, num_test_images=8, max_new_tokens=8, eval_batch_size=32, num_trusted_images=0, save_steps=1000,
+        report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    results = recipe.main(cfg, scorer=sfs_scorer)
+    assert {"clean model", "no defense", defense} <= set(results["rows"]) and any(n.startswith("control") for n in results["rows"])
+    assert results["cost"]["seconds_per_1000_samples"] > 0 and results["kind"] in ("cleanser", "test_time")
+    saved = json.loads((tmp_path / defense / "results.json").read_text())
+    assert saved["rows"].keys() == results["rows"].keys() and "| " + defense in capsys.readouterr().out
+    assert (tmp_path / defense / "README.md").read_text().count("| no defense |") == 1
+    if defense == "vdc":
+        assert saved["detection"]["n_flagged"] == saved["report"]["n_flagged"]
