@@ -51,7 +51,8 @@ def localise(args: list[str], paths: dict[str, str]) -> list[str]:
 def run_recipe(args: list[str], monkeypatch, scorer) -> dict:
     import srd_hf.injection as injection
 
-    monkeypatch.setattr(injection, "SFSScorer", lambda: type("Loaded", (), {"load": lambda self: scorer})())
+    # the session's scorer instead of loading the embedded models again
+    monkeypatch.setattr(injection, "pipeline_scorer", lambda *names: type("Loaded", (), {"load": lambda self: scorer})())
     spec = importlib.util.spec_from_file_location("inject_recipe", ROOT / "recipes" / "inject.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
