@@ -8,6 +8,7 @@ the method and the training loop); ``BackdoorTrainer`` adds the attacks' own los
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -124,6 +125,7 @@ class InjectConfig(TrainingArguments):
             options = json.loads(self.attack_options)
             if not isinstance(options, dict):
                 raise ValueError("attack_options must be a JSON object")
+        check_attack_options(self.attack, self.attack_kwargs())  # within seconds, not after the model loads
 
     @property
     def lora_targets(self) -> list[str]:
@@ -140,6 +142,21 @@ class InjectConfig(TrainingArguments):
     def attack_kwargs(self) -> dict:
         options = json.loads(self.attack_options) if self.attack_options else {}
         return {"target": self.target, "poison_rate": self.poison_rate, "seed": self.attack_seed, **options}
+
+
+def check_attack_options(attack: str, kwargs: dict) -> None:
+    """Build the attack's config (not the attack: no trigger, no model) so that an unknown attack,
+    an unknown option or a bad value fails before anything expensive runs."""
+    from .attacks import ATTACKS
+
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}; choose from {sorted(ATTACKS)}")
+    klass = ATTACKS[attack].config_class
+    known = {f.name for f in dataclasses.fields(klass)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown {attack} attack options {unknown}; known: {sorted(known - {'name', 'extra'})}")
+    klass(name=attack, **kwargs)
 
 
 class BackdoorTrainer(Trainer):

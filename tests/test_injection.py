@@ -120,3 +120,14 @@ def test_each_attack_config_file_parses_and_builds_its_attack(attack_name, tiny_
     if config.trainable:  # every prefix names parameters of the embedded model (set_trainable refuses unknown ones)
         counts = copy.deepcopy(tiny_flamingo).set_trainable(parse_trainable(config.trainable))
         assert 0 < counts["trainable"] < counts["total"]
+
+
+def test_bad_attack_options_fail_before_anything_loads(tmp_path):
+    from srd_hf.injection import InjectConfig
+
+    with pytest.raises(ValueError, match=r"unknown badnet attack options \['colour'\]"):
+        InjectConfig(attack="badnet", attack_options='{"colour": "red"}', output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="location"):
+        InjectConfig(attack="badnet", attack_options='{"location": "under the table"}', output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown attack"):
+        InjectConfig(attack="badnets", output_dir=str(tmp_path))

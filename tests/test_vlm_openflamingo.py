@@ -175,3 +175,15 @@ def test_parse_trainable_drops_empty_entries_and_maps_empty_to_the_paper_freeze(
     assert parse_trainable("") is None and parse_trainable(" , ") is None
     # an empty prefix would match every parameter: a trailing comma must not train the whole model
     assert parse_trainable("flamingo.perceiver., flamingo.lang_encoder.lm_head.,") == ["flamingo.perceiver.", "flamingo.lang_encoder.lm_head."]
+
+
+def test_save_pretrained_refuses_a_folder_that_is_not_a_model(tiny_flamingo, tmp_path):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not a model folder"):
+        tiny_flamingo.save_pretrained(precious)
+    assert (precious / "chapter1.tex").read_text() == "years of work"
+    tiny_flamingo.save_pretrained(tmp_path / "model")
+    tiny_flamingo.save_pretrained(tmp_path / "model")  # a model folder is replaced as a whole
+    assert (tmp_path / "model" / "config.json").is_file()

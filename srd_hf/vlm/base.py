@@ -11,6 +11,8 @@ An adapter is an ``nn.Module`` whose ``forward(**batch)`` returns an output with
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import abc
 import copy
 import random
@@ -169,6 +171,15 @@ def merged_state_dict(module: nn.Module) -> tuple[dict[str, torch.Tensor], bool]
         for key, value in merged[id(layer)].items():
             state[prefix + key] = value
     return state, bool(tuned)
+
+
+def check_replaceable(folder: Path) -> None:
+    """``save_pretrained`` replaces a model folder as a whole: refuse any other non-empty
+    folder, so a mistyped path never deletes a user's files."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").is_file():
+        raise ValueError(f"refusing to save into {folder}: it is not empty and is not a model folder (no config.json); "
+                         "save elsewhere or empty it first")
 
 
 def parse_trainable(text: str) -> list[str] | None:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from .. import __version__
 from ..data.images import ensure_rgb
-from .base import DEFAULT_PROMPT, CaptioningVLM, merged_state_dict
+from .base import check_replaceable, DEFAULT_PROMPT, CaptioningVLM, merged_state_dict
 
 #: file written next to the model that records how the adapter was configured
 ADAPTER_FILE = "srd_hf_adapter.json"
@@ -147,6 +147,7 @@ class ImageTextToTextCaptioner(CaptioningVLM):
         folder = Path(folder).expanduser().absolute()
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"cannot save into {folder}: it exists and is not a folder")
+        check_replaceable(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         if info:
             self.info.update(info)

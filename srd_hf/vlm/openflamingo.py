@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .base import DEFAULT_PROMPT, CaptioningVLM, merged_state_dict
+from .base import check_replaceable, DEFAULT_PROMPT, CaptioningVLM, merged_state_dict
 from .openflamingo_compat import make_flamingo_lm
 
 IMAGE_TOKEN = "<image>"
@@ -279,6 +279,7 @@ class OpenFlamingoCaptioner(CaptioningVLM):
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write config.json, model.safetensors and the tokenizer; atomically (temp folder, then rename)."""
         target = Path(save_directory)
+        check_replaceable(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
