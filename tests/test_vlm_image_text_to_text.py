@@ -348,11 +348,15 @@ def test_failed_save_leaves_no_partial_folder(captioner, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     existing = tmp_path / "existing"
     existing.mkdir()
+    (existing / "config.json").write_text("{}")  # an older model folder: replaced only on success
     (existing / "keep.txt").write_text("old")
     with pytest.raises(RuntimeError, match="disk full"):
         captioner.save_pretrained(existing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
     assert (existing / "keep.txt").read_text() == "old"
+    (existing / "config.json").unlink()  # not a model folder any more: refused before anything is written
+    with pytest.raises(ValueError, match="not a model folder"):
+        captioner.save_pretrained(existing)
 
 
 def test_clear_errors_for_bad_folders(llava_dir, tmp_path):
