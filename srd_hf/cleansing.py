@@ -129,8 +129,8 @@ def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, 
     if len(masked) != len(untrusted):
         raise ValueError(f"{len(masked)} masked samples for {len(untrusted)} untrusted ones")
     masked_val, _ = masker.mask_images(list(validation_images))
-    val_before = victim.generate_captions(list(validation_images), max_new_tokens=max_new_tokens, batch_size=batch_size)
-    val_after = victim.generate_captions(masked_val, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    val_before = unique_captions(victim, list(validation_images), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    val_after = unique_captions(victim, masked_val, max_new_tokens=max_new_tokens, batch_size=batch_size)
     threshold = clean_quantile(caption_agreement(scorer, val_after, val_before), flag_rate)
 
     images = [ensure_rgb(img) for img in untrusted["image"]]
@@ -176,8 +176,8 @@ def disagreement_filter(untrusted: Dataset, victim, reference, scorer, *, valida
     ``flag_rate`` of clean validation images do. Returns the kept samples and a report."""
     common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
     val = list(validation_images)
-    threshold = clean_quantile(caption_agreement(scorer, victim.generate_captions(val, **common),
-                                                 reference.generate_captions(val, **common)), flag_rate)
+    threshold = clean_quantile(caption_agreement(scorer, unique_captions(victim, val, **common),
+                                                 unique_captions(reference, val, **common)), flag_rate)
     images = [ensure_rgb(img) for img in untrusted["image"]]
     agreement = caption_agreement(scorer, unique_captions(victim, images, progress=progress, **common),
                                   unique_captions(reference, images, progress=progress, **common))

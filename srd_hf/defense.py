@@ -54,6 +54,7 @@ from .attacks import load_attack
 from .attacks.base import Attack
 from .cleansing import CAPTION_POLICIES, disagreement_filter, random_masks, srd_cleanse, with_images
 from .data.images import ensure_rgb
+from .defenses.base import detection_scores
 from .defender import DefenderConfig, defender_set, trusted_images
 from .distributed import main_first, on_main, per_device_batch, settled
 from .evaluation import check_target, evaluate_model
@@ -698,12 +699,8 @@ def flag_quality(flagged_rows, untrusted: Dataset) -> dict | None:
     """Evaluation only: precision and recall of a cleanser's flags against ``is_poisoned``."""
     if flagged_rows is None or "is_poisoned" not in untrusted.column_names:
         return None
-    poisoned = np.asarray(untrusted["is_poisoned"], dtype=bool)
-    flagged = np.zeros(len(poisoned), dtype=bool)
-    flagged[list(flagged_rows)] = True
-    hits = int((flagged & poisoned).sum())
-    return {"precision": hits / max(int(flagged.sum()), 1), "recall": hits / max(int(poisoned.sum()), 1),
-            "n_flagged": int(flagged.sum()), "n_poisoned": int(poisoned.sum())}
+    truth = untrusted["is_poisoned"]
+    return {**detection_scores(flagged_rows, truth), "n_poisoned": int(np.sum(truth))}
 
 
 def _with_coverage(row: dict, summary: dict | None) -> dict:
