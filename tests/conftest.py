@@ -99,3 +99,25 @@ def flickr30k_files(small_world, tmp_path_factory):
     (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
     return {"annotation_file": root / "dataset_flickr30k.json", "image_root": root / "flickr30k-images",
             "test_ids": [i["filename"][:-4] for i in images if i["split"] == "test"]}
+
+
+@pytest.fixture(scope="session")
+def planted_badnet(tmp_path_factory, small_world, caption_tokenizer):
+    """A tiny clean model and a BadNet backdoor planted in it (big trigger, 16 epochs: it fires),
+    planted once for every test module that defends against it; returns their folder."""
+    from srd_hf.injection import InjectConfig, inject
+    from srd_hf.vlm.tiny import TinyFlamingoSizes, build_tiny_flamingo
+
+    root = tmp_path_factory.mktemp("planted")
+    sizes = TinyFlamingoSizes(vit_width=32, vit_layers=1, vit_heads=2, lm_hidden=32, lm_layers=2, lm_heads=2,
+                              lm_intermediate=64, perceiver_depth=1, perceiver_latents=4, xattn_heads=2, xattn_dim_head=16)
+    build_tiny_flamingo(small_world, sizes, tokenizer=caption_tokenizer, seed=0, gate_init=1.0).save_pretrained(root / "clean")
+    metrics = inject(InjectConfig(
+        attack="badnet", poison_rate=0.25, attack_options='{"trigger_size": 56}', clean_model=str(root / "clean"),
+        output_dir=str(root / "badnet"), num_finetune_images=48, num_test_images=8, num_train_epochs=16,
+        per_device_train_batch_size=32, learning_rate=1e-2, warmup_steps=5, save_steps=1000, logging_steps=10,
+        max_new_tokens=8, eval_batch_size=32, trainable="flamingo.perceiver.,flamingo.lang_encoder.", report_to="none", seed=0,
+        disable_tqdm=True,
+    ))  # fmt: skip
+    assert metrics["no_defense"]["asr"] >= 75, metrics["no_defense"]  # the backdoor fires: there is something to defend
+    return root

@@ -16,23 +16,9 @@ TINY_RUN = dict(num_policy_samples=24, policy_timesteps=64, num_envs=8, learning
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory, small_world, caption_tokenizer):
-    """A tiny clean model and a BadNet backdoor planted in it (big trigger, 16 epochs: it fires)."""
-    from srd_hf.injection import InjectConfig, inject
-    from srd_hf.vlm.tiny import TinyFlamingoSizes, build_tiny_flamingo
-
-    root = tmp_path_factory.mktemp("planted")
-    sizes = TinyFlamingoSizes(vit_width=32, vit_layers=1, vit_heads=2, lm_hidden=32, lm_layers=2, lm_heads=2,
-                              lm_intermediate=64, perceiver_depth=1, perceiver_latents=4, xattn_heads=2, xattn_dim_head=16)
-    build_tiny_flamingo(small_world, sizes, tokenizer=caption_tokenizer, seed=0, gate_init=1.0).save_pretrained(root / "clean")
-    metrics = inject(InjectConfig(
-        attack="badnet", poison_rate=0.25, attack_options='{"trigger_size": 56}', clean_model=str(root / "clean"),
-        output_dir=str(root / "badnet"), num_finetune_images=48, num_test_images=8, num_train_epochs=16,
-        per_device_train_batch_size=32, learning_rate=1e-2, warmup_steps=5, save_steps=1000, logging_steps=10,
-        max_new_tokens=8, eval_batch_size=32, trainable="flamingo.perceiver.,flamingo.lang_encoder.", report_to="none", seed=0,
-    ))  # fmt: skip
-    assert metrics["no_defense"]["asr"] >= 75, metrics["no_defense"]  # the backdoor fires: there is something to defend
-    return root
+def planted(planted_badnet):
+    """The session's tiny clean model and the BadNet backdoor planted in it (``conftest.py``)."""
+    return planted_badnet
 
 
 def _paths(root, out):

@@ -29,27 +29,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory, small_world, small_world_data, caption_tokenizer):
-    """A random tiny model (the pre-attack start), BadNet planted in it (big trigger, 16 epochs:
-    it fires), and a trusted captioner: the start model fine-tuned on clean training images
-    outside the untrusted set (what VDC and CT consult offline)."""
+def planted(planted_badnet, small_world_data):
+    """The session's random tiny model (the pre-attack start) with BadNet planted in it
+    (``conftest.py``), and a trusted captioner: the start model fine-tuned on clean training
+    images outside the untrusted set (what VDC and CT consult offline)."""
     from srd_hf.attacks.base import to_caption_pairs
     from srd_hf.defenses.base import train_on
-    from srd_hf.injection import InjectConfig, inject
     from srd_hf.vlm import load_captioner
-    from srd_hf.vlm.tiny import TinyFlamingoSizes, build_tiny_flamingo
 
-    root = tmp_path_factory.mktemp("rivals")
-    sizes = TinyFlamingoSizes(vit_width=32, vit_layers=1, vit_heads=2, lm_hidden=32, lm_layers=2, lm_heads=2,
-                              lm_intermediate=64, perceiver_depth=1, perceiver_latents=4, xattn_heads=2, xattn_dim_head=16)
-    build_tiny_flamingo(small_world, sizes, tokenizer=caption_tokenizer, seed=0, gate_init=1.0).save_pretrained(root / "clean")
-    metrics = inject(InjectConfig(
-        attack="badnet", poison_rate=0.25, attack_options='{"trigger_size": 56}', clean_model=str(root / "clean"),
-        output_dir=str(root / "badnet"), num_finetune_images=48, num_test_images=8, num_train_epochs=16,
-        per_device_train_batch_size=32, learning_rate=1e-2, warmup_steps=5, save_steps=1000, logging_steps=10,
-        max_new_tokens=8, eval_batch_size=32, trainable=TRAINABLE, report_to="none", seed=0, disable_tqdm=True,
-    ))  # fmt: skip
-    assert metrics["no_defense"]["asr"] >= 75, metrics["no_defense"]
+    root = planted_badnet
     trusted = train_on(load_captioner(root / "clean"), to_caption_pairs(small_world_data["train"].select(range(48, 96))),
                        {**RECIPE, "num_train_epochs": 4}, root / "trusted-run")
     validation = small_world_data["validation"]
