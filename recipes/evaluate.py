@@ -11,7 +11,7 @@ import logging
 from trl import TrlParser
 
 from srd_hf.defense import SRDConfig, results_table, run_pipeline
-from srd_hf.tables import not_measurable_message
+from srd_hf.tables import eval_set_tables, not_measurable_message
 
 
 def main(config: SRDConfig) -> dict:
@@ -19,6 +19,8 @@ def main(config: SRDConfig) -> dict:
     if not results["defense_measurable"]:
         print("\n" + not_measurable_message(results))
     print(results_table(results))
+    for title, table in eval_set_tables(results):
+        print(f"\n{title}\n\n{table}")
     return results
 
 

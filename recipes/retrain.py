@@ -8,8 +8,9 @@ With no arguments, on the embedded world: pretrain the clean model (outputs/clea
 BadNet at 10% with recipes/configs/inject_badnet.yaml (outputs/backdoor/badnet-0.1), train a
 DQN masking policy against the backdoored model, mask the poisoned fine-tuning set, drop the
 samples whose victim caption the masks change, retrain with the recipe that planted the
-backdoor, and print clean model, no defense, control, SRD, random masks, disagreement filter
-and the inference-time filter. Every stage that already has its artifact is reused, and a
+backdoor, and print clean model, no defense, control, SRD, the disagreement filter and the
+inference-time filter (random masks with ``--baselines random_masks,disagreement_filter``), on
+the test split and on the shifted world (another domain, never trained on). Every stage that already has its artifact is reused, and a
 killed run resumes.
 """
 
@@ -20,7 +21,7 @@ from trl import TrlParser
 from srd_hf.defense import SRDConfig, results_table, run_pipeline
 from srd_hf.distributed import is_main
 from srd_hf.hub import execute, policy_upload_plan
-from srd_hf.tables import not_measurable_message
+from srd_hf.tables import eval_set_tables, not_measurable_message
 
 
 def main(config: SRDConfig) -> dict:
@@ -34,6 +35,8 @@ def main(config: SRDConfig) -> dict:
     if not results["defense_measurable"]:
         print(not_measurable_message(results) + "\n")
     print(results_table(results))
+    for title, table in eval_set_tables(results):  # the same models on another domain
+        print(f"\n{title}\n\n{table}")
     print("\nwall clock per stage (s): " + ", ".join(f"{k} {v:g}" for k, v in results["stage_seconds"].items()))
     print(f"\nresults: {config.output_dir}/results.json")
     if config.push_to_hub:  # after the run: the policies, private unless asked

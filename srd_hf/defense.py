@@ -36,8 +36,10 @@ import copy
 import dataclasses
 import hashlib
 import json
-import re
 import logging
+import re
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +60,7 @@ from .defenses.base import detection_scores
 from .defender import DefenderConfig, defender_set, trusted_images
 from .distributed import main_first, on_main, per_device_batch, settled
 from .evaluation import check_target, evaluate_model
-from .data.sources import DataArguments, defense_data
+from .data.sources import DataArguments, defense_data, embedded_world, load_eval_datasets
 from .injection import InjectConfig, clean_model_or_pretrain, inject, triggered_test_set
 from .masker import SRDMasker
 from .hub import trainer_args
@@ -136,7 +138,9 @@ class SRDConfig(TrainingArguments):
         (the old behaviour: teaches the mask as a new trigger).
     flag_rate: share of clean validation images that would be flagged; sets the thresholds of
         SRD's flag and of the disagreement filter on the validation split.
-    baselines: comma list of random_masks, disagreement_filter ("" for none).
+    baselines: comma list of random_masks, disagreement_filter ("" for none). The default is the
+        disagreement filter alone (the baseline SRD must beat; random masks cost one more
+        retraining, so the main job leaves them out: the per-attack tables pass both).
 
     > Retraining and evaluation
     retrain_recipe: "attack" (default: trainable set, epochs, learning rate, batch, schedule and
@@ -184,7 +188,7 @@ class SRDConfig(TrainingArguments):
     policy_seed: int = field(default=0, metadata={"help": "Seed of the policy's data, environment and training."})
     poisoned_captions: str = field(default="drop", metadata={"help": "drop, relabel or keep the samples the masks flag."})
     flag_rate: float = field(default=0.02, metadata={"help": "Share of clean validation images flagged: sets the thresholds."})
-    baselines: str = field(default="random_masks,disagreement_filter", metadata={"help": "Comma list: random_masks, disagreement_filter."})
+    baselines: str = field(default="disagreement_filter", metadata={"help": "Comma list: random_masks, disagreement_filter (the default leaves random masks out for time; the tables add it)."})
     retrain_recipe: str = field(default="attack", metadata={"help": "attack (the backdoored model's recorded recipe) or config."})
     trainable: str = field(default="", metadata={"help": "With retrain_recipe=config: parameter prefixes retraining trains (default: the paper's freeze)."})
     retrain_from: str = field(default="pre_attack", metadata={"help": "pre_attack, backdoored or both."})
@@ -362,6 +366,7 @@ class DefenseInputs:
     untrusted: Dataset
     attack: object
     world: object
+    eval_sets: dict = field(default_factory=dict)  # name -> Dataset: the extra test sets (eval_datasets)
 
     @property
     def validation_images(self) -> list:
@@ -384,9 +389,15 @@ def load_inputs(cfg: SRDConfig) -> DefenseInputs:
     # the data the backdoor was planted on, as the inject stage recorded it (train: the defender's
     # trusted images; validation: thresholds; test: the table)
     recorded = (victim.metadata.get("backdoor") or {}).get("data")
+    args = DataArguments(**recorded) if recorded else DataArguments()
     with main_first():
-        world = defense_data(DataArguments(**recorded) if recorded else DataArguments(), clean)
-    return DefenseInputs(clean=clean, victim=victim, untrusted=untrusted, attack=attack, world=world)
+        world = defense_data(args, clean)
+        eval_sets = load_eval_datasets(args, world=embedded_world(clean, args) if _needs_world(args) else None)
+    return DefenseInputs(clean=clean, victim=victim, untrusted=untrusted, attack=attack, world=world, eval_sets=eval_sets)
+
+
+def _needs_world(args: DataArguments) -> bool:
+    return args.is_embedded or any(spec.startswith("embedded") for spec in args.eval_specs)
 
 
 def retraining_recipe(cfg: SRDConfig, victim) -> dict:
@@ -549,10 +560,10 @@ def masked_set(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, policy: SRD
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _inject_rows(cfg: SRDConfig, num_test_images: int, scorer=None) -> tuple[list[str], dict] | None:
+def _inject_rows(cfg: SRDConfig, num_test_images: int, scorer=None) -> tuple[list[str], dict, dict] | None:
     """The inject stage's clean-model and no-defense rows and its clean reference captions,
     when they were measured on the same test images, target, caption length, clean model and
-    SFS models."""
+    SFS models; and its rows of each extra test set (``eval_datasets``) of that size."""
     folder = Path(cfg.backdoored_model).parent
     try:
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -568,7 +579,59 @@ def _inject_rows(cfg: SRDConfig, num_test_images: int, scorer=None) -> tuple[lis
     if not same or any("per_image" not in r for r in rows.values()):
         return None
     logger.info("reusing the clean-model and no-defense rows measured by the inject stage in %s", folder)
-    return references, rows
+    extra = {name: {"num_images": m.get("num_images"), "clean model": m["clean_model"], "no defense": m["no_defense"]}
+             for name, m in (metrics.get("eval_datasets") or {}).items()
+             if all("per_image" in m.get(k, {}) for k in ("clean_model", "no_defense"))}
+    return references, rows, extra
+
+
+@dataclass
+class ScoredSet:
+    """A test set every model of the table is scored on: the evaluation split, or one of the
+    extra test sets (``eval_datasets``: another domain). Its clean images, the same images with
+    the attack's trigger (their ground truth for the ASR's exclusions; the trigger's boxes for
+    coverage, evaluation only), the clean model's captions (SFS references) and, on the
+    evaluation split, the clean images under each protocol's masks."""
+
+    name: str
+    test: Dataset
+    triggered: list
+    truths: list
+    trigger_boxes: list
+    references: list | None = None
+    masked: dict = field(default_factory=dict)  # protocol -> the clean images under that policy's masks
+
+    @classmethod
+    def build(cls, name: str, dataset: Dataset, attack, limit: int) -> "ScoredSet":
+        test = dataset.select(range(min(limit, len(dataset))))
+        triggered, truths, boxes = triggered_test_set(attack, test, return_boxes=True)
+        return cls(name, test, triggered, truths, boxes)
+
+    @property
+    def images(self) -> list:
+        return [ensure_rgb(img) for img in self.test["image"]]
+
+    def _common(self, cfg: SRDConfig, scorer) -> dict:
+        return dict(reference_captions=self.references, target=cfg.target, scorer=scorer, max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.eval_batch_size, triggered_references=self.truths)
+
+    def score(self, cfg: SRDConfig, scorer, model, *, masks: str | None = None, predictions=None) -> dict:
+        """CIDEr and SFS on the clean images, ASR on the triggered ones, and (``masks``: a
+        protocol) the target on the clean images under that policy's masks."""
+        return evaluate_model(model, self.test, triggered_images=self.triggered, predictions=predictions,
+                              masked_images=self.masked.get(masks) if masks else None, **self._common(cfg, scorer))
+
+    def score_filter(self, cfg: SRDConfig, scorer, victim, protocol: str, policy: SRDPolicy) -> dict:
+        """SRD as an inference-time filter: the backdoored model captions masked inputs."""
+        masker = SRDMasker(policy, num_masks=cfg.num_masks)
+        masked_clean = self.masked.get(protocol) or masker.mask_images(self.images)[0]
+        masked_triggered, boxes = masker.mask_images(self.triggered)
+        row = evaluate_model(victim, with_images(self.test, masked_clean), triggered_images=masked_triggered, **self._common(cfg, scorer))
+        if any(b is not None for b in self.trigger_boxes):
+            from .mechanism import coverage_summary
+
+            row = _with_coverage(row, coverage_summary(boxes, self.trigger_boxes, [True] * len(boxes)))
+        return row
 
 
 def trigger_coverage(dataset: Dataset, masks_column: str = "srd_masks") -> dict | None:
@@ -596,30 +659,40 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     target_check = check_target(cfg.target, inputs.attack)
     scorer = pipeline_scorer(cfg.sfs_encoder, cfg.sfs_fluency_lm).load()
     recipe = retraining_recipe(cfg, inputs.victim)
-    split = inputs.world[cfg.eval_split]
-    test = split.select(range(min(cfg.num_test_images, len(split))))
-    triggered, truths, test_boxes = triggered_test_set(inputs.attack, test, return_boxes=True)
-    reused = _inject_rows(cfg, len(test), scorer) if cfg.eval_split == "test" else None
+    # the evaluation split, and the extra test sets beside the test split (never while choosing)
+    main = ScoredSet.build(cfg.eval_split, inputs.world[cfg.eval_split], inputs.attack, cfg.num_test_images)
+    extra = [ScoredSet.build(name, data, inputs.attack, cfg.num_test_images) for name, data in inputs.eval_sets.items()] \
+        if cfg.eval_split == "test" else []
+    sets = [main, *extra]
+    rows: dict[str, dict] = {s.name: {} for s in sets}
+    reused = _inject_rows(cfg, len(main.test), scorer) if cfg.eval_split == "test" else None
     if reused is not None:
-        references, rows = reused
+        main.references, rows[main.name], inject_extra = reused
     else:
-        references = inputs.clean.generate_captions([ensure_rgb(img) for img in test["image"]], max_new_tokens=cfg.max_new_tokens,
-                                                    batch_size=cfg.eval_batch_size, progress=True)
-        rows = {}
-    common = dict(reference_captions=references, target=cfg.target, scorer=scorer, max_new_tokens=cfg.max_new_tokens,
-                  batch_size=cfg.eval_batch_size, triggered_references=truths)
-    if reused is None:
-        rows["clean model"] = evaluate_model(inputs.clean, test, triggered_images=triggered, predictions=references, **common)
-        rows["no defense"] = evaluate_model(inputs.victim, test, triggered_images=triggered, **common)
+        inject_extra = {}
+    for s in sets:
+        if s.references is None:
+            s.references = inputs.clean.generate_captions(s.images, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
+        measured = inject_extra.get(s.name) if s is not main else None
+        if measured and measured["num_images"] == len(s.test):
+            rows[s.name].update({k: measured[k] for k in ("clean model", "no defense")})
+        elif "no defense" not in rows[s.name]:
+            rows[s.name]["clean model"] = s.score(cfg, scorer, inputs.clean, predictions=s.references)
+            rows[s.name]["no defense"] = s.score(cfg, scorer, inputs.victim)
     lap("evaluate_references")
+
+    def score_everywhere(name: str, model, *, masks: str | None = None, coverage: dict | None = None) -> None:
+        # the masked clean images (a learned-mask shortcut shows there) on the evaluation split
+        for s in sets:
+            row = s.score(cfg, scorer, model, masks=masks if s is main else None)
+            rows[s.name][name] = _with_coverage(row, coverage) if s is main else row
 
     # policies, their masks on the test images, cleansed sets
     policies, reports, mechanism = {}, {}, {}
     for protocol in cfg.protocols:
         policies[protocol] = train_policy(cfg, inputs, protocol, scorer=scorer, recipe=recipe)
     lap("train_policy")
-    masked_test = {p: SRDMasker(pol, num_masks=cfg.num_masks).mask_images([ensure_rgb(i) for i in test["image"]])[0]
-                   for p, pol in policies.items()}
+    main.masked = {p: SRDMasker(pol, num_masks=cfg.num_masks).mask_images(main.images)[0] for p, pol in policies.items()}
     datasets: dict[str, Dataset] = {}
     for protocol, policy in policies.items():
         masked = masked_set(cfg, inputs, protocol, policy)
@@ -646,50 +719,47 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     lap("cleanse")
 
     # retraining: control first (no control that plants, no claim)
-    masked_eval = masked_test[first]
     control_reused = {}
     for start in cfg.retrain_starts:
         suffix = "" if start == "pre_attack" else ", from backdoored"
         if control_reuses_backdoor(cfg, inputs, recipe, start):
             name = f"control (= no defense: the inject run's recipe, start, data and seed{suffix})"
-            rows[name] = evaluate_model(inputs.victim, test, triggered_images=triggered, masked_images=masked_eval, **common)
+            rows[main.name][name] = main.score(cfg, scorer, inputs.victim, masks=first)
+            for s in extra:
+                rows[s.name][name] = copy.deepcopy(rows[s.name]["no defense"])
             control_reused[start] = True
         else:
-            model = retrain(cfg, start, inputs.untrusted, name="control", recipe=recipe)
-            rows[f"control (unmasked untrusted set{suffix})"] = evaluate_model(model, test, triggered_images=triggered,
-                                                                              masked_images=masked_eval, **common)
+            score_everywhere(f"control (unmasked untrusted set{suffix})", retrain(cfg, start, inputs.untrusted, name="control", recipe=recipe),
+                             masks=first)
         for protocol in cfg.protocols:
             model = retrain(cfg, start, datasets[protocol], name=f"srd-{protocol}", recipe=recipe)
-            row = evaluate_model(model, test, triggered_images=triggered, masked_images=masked_test[protocol], **common)
-            rows[f"SRD-{cfg.algorithm} ({protocol} policy{suffix})"] = _with_coverage(row, mechanism.get(protocol))
+            score_everywhere(f"SRD-{cfg.algorithm} ({protocol} policy{suffix})", model, masks=protocol, coverage=mechanism.get(protocol))
         for baseline in ("random masks", "disagreement filter"):
             if baseline in datasets:
                 model = retrain(cfg, start, datasets[baseline], name=baseline.replace(" ", "-"), recipe=recipe)
-                row = evaluate_model(model, test, triggered_images=triggered, masked_images=masked_eval, **common)
-                rows[f"{baseline}{suffix}"] = _with_coverage(row, mechanism.get(baseline))
+                score_everywhere(f"{baseline}{suffix}", model, masks=first, coverage=mechanism.get(baseline))
     lap("retrain_and_evaluate")
     for protocol, policy in policies.items():
-        masker = SRDMasker(policy, num_masks=cfg.num_masks)
-        masked_triggered, boxes = masker.mask_images(triggered)
-        row = evaluate_model(inputs.victim, with_images(test, masked_test[protocol]), triggered_images=masked_triggered, **common)
-        if any(b is not None for b in test_boxes):
-            from .mechanism import coverage_summary
-
-            row = _with_coverage(row, coverage_summary(boxes, test_boxes, [True] * len(boxes)))
-        rows[f"SRD-{cfg.algorithm} filter at inference ({protocol} policy)"] = row
+        for s in sets:
+            rows[s.name][f"SRD-{cfg.algorithm} filter at inference ({protocol} policy)"] = s.score_filter(cfg, scorer, inputs.victim, protocol, policy)
     lap("evaluate_filter")
-    for row in rows.values():
-        row.update(tables.row_intervals(row, seed=cfg.seed))
-    results = {"attack": cfg.attack, "poison_rate": cfg.poison_rate, "algorithm": cfg.algorithm, "policy_data": cfg.protocols,
-               "split": cfg.eval_split, "threshold_split": "validation", "num_test_images": len(test), "seed": cfg.seed,
+    for set_rows in rows.values():
+        for row in set_rows.values():
+            row.update(tables.row_intervals(row, seed=cfg.seed))
+    results = {"attack": cfg.attack, "poison_rate": cfg.poison_rate, "target": cfg.target, "attack_options": cfg.attack_options,
+               "algorithm": cfg.algorithm, "policy_data": cfg.protocols, "split": cfg.eval_split, "threshold_split": "validation", "num_test_images": len(main.test), "seed": cfg.seed,
                "attack_seed": cfg.attack_seed, "policy_seed": cfg.policy_seed, "retraining_recipe": recipe,
                "control_reuses_backdoored_model": control_reused,
                "cleansing": {n: {k: v for k, v in r.items() if k != "flagged_rows"} for n, r in reports.items()},
                "detection": detection, "mechanism": mechanism,
-               "scorer": scorer_record(scorer), "rows": rows}
+               "scorer": scorer_record(scorer), "rows": rows[main.name],
+               "eval_sets": {s.name: {"num_test_images": len(s.test), "rows": rows[s.name],
+                                      "defense_measurable": tables.defense_measurable(rows[s.name])} for s in extra}}
     if target_check:
         results["target_check"] = target_check
-    results["defense_measurable"] = tables.defense_measurable(rows)
+    if "defender" in policies:  # the defender may check its own proxy backdoor (validation images)
+        results["proxy_asr_validation"] = policies["defender"].config.training.get("proxy_asr_validation")
+    results["defense_measurable"] = tables.defense_measurable(rows[main.name])
     results["stage_seconds"] = seconds
     on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))
     return results
@@ -729,6 +799,13 @@ def scorer_record(scorer) -> dict:
     return fingerprints.scorer_names(scorer)
 
 
+def command_line() -> str | None:
+    """The command that is running, when it is a recipe script (recorded with its results)."""
+    if not sys.argv or not sys.argv[0].endswith(".py"):
+        return None
+    return " ".join(["python", *(shlex.quote(a) for a in sys.argv)])
+
+
 def run_pipeline(cfg: SRDConfig) -> dict:
     """Every seed of ``cfg.seeds`` (each resumable), then the table over seeds in
     ``<output_dir>/results.json``."""
@@ -740,10 +817,18 @@ def run_pipeline(cfg: SRDConfig) -> dict:
         results = {**per_seed[0], "seeds": seeds}
     else:
         results = {k: v for k, v in per_seed[0].items() if k not in ("rows", "stage_seconds", "seed", "attack_seed", "policy_seed",
-                                                                      "cleansing", "mechanism", "detection")}
+                                                                      "cleansing", "mechanism", "detection", "eval_sets",
+                                                                      "proxy_asr_validation")}
+        if "proxy_asr_validation" in per_seed[0]:
+            results["proxy_asr_validation"] = float(np.mean([r["proxy_asr_validation"] for r in per_seed]))
+        names = [n for n in per_seed[0].get("eval_sets", {}) if all(n in r.get("eval_sets", {}) for r in per_seed)]
+        eval_sets = {n: [r["eval_sets"][n] for r in per_seed] for n in names}
+        results["eval_sets"] = {n: {"num_test_images": sets[0]["num_test_images"], "rows": tables.aggregate_seeds(sets),
+                                    "defense_measurable": all(s["defense_measurable"] for s in sets)} for n, sets in eval_sets.items()}
         results.update(seeds=seeds, rows=tables.aggregate_seeds(per_seed), per_seed=[str(cfg.out / f"seed-{s}" / cfg.results_file) for s in seeds],
                        defense_measurable=all(r["defense_measurable"] for r in per_seed),
                        stage_seconds={k: sum(r["stage_seconds"].get(k, 0) for r in per_seed) for k in per_seed[0]["stage_seconds"]})
+    results["command"] = command_line()
     on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))
     if not results["defense_measurable"]:
         logger.warning(tables.not_measurable_message(results))

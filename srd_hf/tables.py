@@ -101,6 +101,16 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def eval_set_tables(results: dict) -> list[tuple[str, str]]:
+    """(title, table) of every extra test set (``eval_datasets``), each under its own control rule."""
+    out = []
+    for name, scored in (results.get("eval_sets") or {}).items():
+        table = results_table({"rows": scored["rows"], "seeds": results.get("seeds", [0]),
+                               "defense_measurable": scored.get("defense_measurable", True)})
+        out.append((f"{name} ({scored.get('num_test_images', '?')} test images, not trained on)", table))
+    return out
+
+
 def not_measurable_message(results: dict) -> str:
     control = next((row for name, row in results["rows"].items() if name.startswith("control")), {})
     return (f"NOT MEASURABLE: the control (the same retraining on the unmasked untrusted set) reached ASR "

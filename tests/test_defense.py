@@ -181,7 +181,8 @@ def test_srd_cleanse_drops_what_the_masks_expose_and_retraining_learns_no_target
 @pytest.mark.slow
 def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
     out = tmp_path / "srd"
-    common = dict(**_paths(planted, out), **TINY_RUN, policy_data="untrusted,defender", flag_rate=0.05)
+    common = dict(**_paths(planted, out), **TINY_RUN, policy_data="untrusted,defender", flag_rate=0.05,
+                  baselines="random_masks,disagreement_filter")
     results = run_pipeline(SRDConfig(**common))
     rows = results["rows"]
     control = next(n for n in rows if n.startswith("control"))
@@ -221,6 +222,31 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
     assert policy_cfg["training"]["defender"]["target"] == "umbrella" and "proxy_asr_validation" in policy_cfg["training"]
     assert "| control" in results_table(results)
     assert json.loads((out / "results.json").read_text())["rows"].keys() == rows.keys()
+    # every model is scored on the shifted world too (the embedded default's second test set)
+    shifted = results["eval_sets"]["embedded-shifted"]
+    assert shifted["rows"].keys() == rows.keys() and shifted["num_test_images"] == 8
+    assert shifted["rows"][control]["asr"] == shifted["rows"]["no defense"]["asr"]  # the reused control is the victim there too
+    for name in ("SRD-dqn (untrusted policy)", "random masks", "disagreement filter", "SRD-dqn filter at inference (untrusted policy)"):
+        assert {"cider", "sfs", "asr", "cider_ci"} <= set(shifted["rows"][name]), name
+        assert len(shifted["rows"][name]["per_image"]["cider"]) == 8, name
+    inject_metrics = json.loads((planted / "badnet" / "metrics.json").read_text())["eval_datasets"]["embedded-shifted"]
+    assert shifted["rows"]["no defense"]["cider"] == inject_metrics["no_defense"]["cider"]  # measured once, by the inject stage
+    from srd_hf.tables import eval_set_tables
+
+    ((title, table),) = eval_set_tables(results)
+    assert title.startswith("embedded-shifted (8 test images") and "| SRD-dqn (untrusted policy)" in table
+    # the report recipe writes what the run measured, nothing recomputed
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("report_recipe", Path(__file__).resolve().parent.parent / "recipes" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    text = report.main([str(out / "results.json"), "--output", str(tmp_path / "report.md")])
+    assert text == (tmp_path / "report.md").read_text() and results_table(results) in text and table in text
+    assert "proxy backdoor says its word on" in text and "precision" in text and "trigger coverage" in text
+    with pytest.raises(SystemExit, match="no results file"):
+        report.main([str(tmp_path / "missing.json")])
     # a second run reuses every artifact (no retraining: the files stay untouched)
     stamp = (seed_dir / "retrain-srd-untrusted-pre_attack" / "model" / "model.safetensors").stat().st_mtime
     again = run_pipeline(SRDConfig(**common))

@@ -250,29 +250,58 @@ def _defend_recipe():
 def test_defend_recipe_config_errors(tmp_path):
     recipe = _defend_recipe()
     assert recipe.DefendConfig(output_dir=str(tmp_path)).defense == "abl"
-    assert recipe.DefendConfig(defense="vdc").output_dir == "outputs/defend/badnet-0.1/vdc"
+    assert recipe.DefendConfig(defense="vdc").output_dir == "outputs/defend/badnet-0.1"  # each defense in <output_dir>/<defense>
+    assert recipe.DefendConfig(defense="all", output_dir=str(tmp_path)).defense_names == ["abl", "vdc", "ct", "attention_pruning"]
+    several = recipe.DefendConfig(defense="vdc,abl", defense_options='{"abl": {"isolation_rate": 0.05}}', output_dir=str(tmp_path))
+    assert [d.config.to_dict().get("isolation_rate") for d in several.make_defenses()] == [None, 0.05]
     with pytest.raises(ValueError, match="unknown defense"):
         recipe.DefendConfig(defense="strip", output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="answer"):
         recipe.DefendConfig(defense="vdc", defense_options='{"answer": "guess"}', output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="keyed by defense name"):
+        recipe.DefendConfig(defense="vdc,abl", defense_options='{"isolation_rate": 0.05}', output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="distinct"):
+        recipe.DefendConfig(defense="vdc,vdc", output_dir=str(tmp_path))
 
 
-@pytest.mark.parametrize("defense", ["vdc", "attention_pruning"])
-def test_defend_recipe_end_to_end(defense, planted, sfs_scorer, tmp_path, capsys):
+def test_defend_recipe_one_table_with_srd_rows(planted, sfs_scorer, tmp_path, capsys):
+    """Two defenses (a cleanser and a test-time one) in one command: one table with the control,
+    both defenses and SRD's rows from its pipeline, on the test split and the shifted world,
+    with each defense's cost; a second run reuses each defense's results."""
     recipe = _defend_recipe()
     root = planted["root"]
-    cfg = recipe.DefendConfig(
-        defense=defense, defense_options='{"max_new_tokens": 8}', attack="badnet", clean_model=str(root / "clean"),
-        backdoored_model=str(root / "badnet" / "model"), poisoned_dataset=str(root / "badnet" / "poisoned_dataset"),
-        output_dir=str(tmp_path / defense), retrain_recipe="config", trainable=TRAINABLE, num_train_epochs=1, learning_rate=1e-2,
-        warmup_steps=0, num_test_images=8, max_new_tokens=8, eval_batch_size=32, num_trusted_images=0, save_steps=1000,
-        report_to="none", disable_tqdm=True,
-    )  # fmt: skip
+    paths = dict(attack="badnet", clean_model=str(root / "clean"), backdoored_model=str(root / "badnet" / "model"),
+                 poisoned_dataset=str(root / "badnet" / "poisoned_dataset"))
+    common = dict(retrain_recipe="config", trainable=TRAINABLE, num_train_epochs=1, learning_rate=1e-2, warmup_steps=0, num_test_images=8,
+                  max_new_tokens=8, eval_batch_size=32, save_steps=1000, report_to="none", disable_tqdm=True)
+    # SRD's own pipeline on the same backdoor (its rows join the table)
+    from srd_hf.defense import SRDConfig, run_pipeline
+
+    run_pipeline(SRDConfig(**paths, **common, output_dir=str(tmp_path / "srd"), num_policy_samples=16, policy_timesteps=16, num_envs=8,
+                           learning_starts=8, buffer_size=100, baselines="", logging_steps=5))
+    cfg = recipe.DefendConfig(**paths, **common, defense="vdc,attention_pruning", output_dir=str(tmp_path / "defend"),
+                              defense_options='{"vdc": {"max_new_tokens": 8}, "attention_pruning": {"max_new_tokens": 8}}',
+                              num_trusted_images=0, srd_results=str(tmp_path / "srd" / "results.json"))
     results = recipe.main(cfg, scorer=sfs_scorer)
-    assert {"clean model", "no defense", defense} <= set(results["rows"]) and any(n.startswith("control") for n in results["rows"])
-    assert results["cost"]["seconds_per_1000_samples"] > 0 and results["kind"] in ("cleanser", "test_time")
-    saved = json.loads((tmp_path / defense / "results.json").read_text())
-    assert saved["rows"].keys() == results["rows"].keys() and "| " + defense in capsys.readouterr().out
-    assert (tmp_path / defense / "README.md").read_text().count("| no defense |") == 1
-    if defense == "vdc":
-        assert saved["detection"]["n_flagged"] == saved["report"]["n_flagged"]
+    rows = results["rows"]
+    control = next(n for n in rows if n.startswith("control"))
+    assert {"clean model", "no defense", "vdc", "attention_pruning", "SRD-dqn (untrusted policy)",
+            "SRD-dqn filter at inference (untrusted policy)"} <= set(rows)
+    assert control == "control (unmasked untrusted set)"  # retrain_recipe=config: not the inject run, so retrained
+    shifted = results["eval_sets"]["embedded-shifted"]["rows"]
+    assert shifted.keys() == rows.keys() and all("asr" in r for r in shifted.values())
+    for name in ("vdc", "attention_pruning"):
+        saved = json.loads((tmp_path / "defend" / name / "results.json").read_text())
+        assert saved["rows"][name]["cider"] == rows[name]["cider"] and saved["kind"] in ("cleanser", "test_time")
+        assert (tmp_path / "defend" / name / "README.md").read_text().count("| no defense |") == 1
+        assert results["costs"][name]["seconds_per_1000_samples"] > 0
+    assert results["detection"]["vdc"]["n_flagged"] >= 0 and "SRD (its pipeline)" in results["costs"]
+    out = capsys.readouterr().out
+    assert "| vdc |" in out and "| attention_pruning |" in out and "embedded-shifted" in out and "s per 1,000 samples" in out
+    assert json.loads((tmp_path / "defend" / "results.json").read_text())["rows"].keys() == rows.keys()
+    stamp = (tmp_path / "defend" / "vdc" / "results.json").stat().st_mtime
+    again = recipe.run(cfg, scorer=sfs_scorer)
+    assert (tmp_path / "defend" / "vdc" / "results.json").stat().st_mtime == stamp and again["rows"]["vdc"] == rows["vdc"]
+    with pytest.raises(ValueError, match="another backdoor"):
+        recipe.run(recipe.DefendConfig(**{**paths, "target": "apple"}, **common, defense="vdc", output_dir=str(tmp_path / "d2"),
+                                       srd_results=str(tmp_path / "srd" / "results.json")), scorer=sfs_scorer)

@@ -1,0 +1,97 @@
+"""Write the markdown report of finished defense runs: one section per ``results.json`` (SRD's
+pipeline or ``recipes/defend.py``), with the command that made it, the control's verdict, the
+table of the evaluation split and of every extra test set, flag quality and trigger coverage
+(evaluation only), and the wall clock per stage.
+
+    python recipes/report.py outputs/srd/*/dqn/results.json --output docs/results/defended.md
+    python recipes/report.py outputs/defend/badnet-0.1/results.json
+
+Nothing is recomputed: every figure is read from the results files, so the report says exactly
+what the runs measured.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from srd_hf import tables
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def section(path: Path) -> str:
+    results = json.loads(path.read_text())
+    seeds = results.get("seeds", [results.get("seed", 0)])
+    title = f"{results.get('attack')} at {results.get('poison_rate', 0):g}"
+    if results.get("defense"):
+        title += f": {results['defense']}"
+    if results.get("attack_options"):
+        title += f", options {results['attack_options']}"
+    if results.get("target"):
+        title += f", target {results['target']!r}"
+    if results.get("policy_data"):
+        title += f" (policies: {', '.join(results['policy_data'])})"
+    lines = [f"## {title}", ""]
+    if results.get("command"):
+        lines += ["```bash", results["command"], "```", ""]
+    lines.append(f"Results file: `{path}`. Split: {results.get('split', 'test')} ({results.get('num_test_images', '?')} images); "
+                 f"thresholds from {results.get('threshold_split', 'validation')}; "
+                 + (f"seeds {','.join(map(str, seeds))} (mean ± std)." if len(seeds) > 1 else f"one seed ({seeds[0]})."))
+    lines.append("")
+    if results.get("defense_measurable", True):
+        lines.append("The control planted the backdoor (ASR >= 50%): the defense rows are measurable.")
+    else:
+        lines.append("**Not measurable**: " + tables.not_measurable_message(results))
+    lines += ["", tables.results_table(results), ""]
+    for name, table in tables.eval_set_tables(results):
+        lines += [f"On {name}:", "", table, ""]
+    detection = {k: v for k, v in (results.get("detection") or {}).items() if v}
+    if detection:
+        lines.append("Flags against the poisoned set's ground truth (evaluation only):")
+        lines.append("")
+        for name, d in detection.items():
+            lines.append(f"- {name}: {d.get('n_flagged', '?')} flagged, precision {_fmt(d.get('precision'))}, "
+                         f"recall {_fmt(d.get('recall'))}")
+        lines.append("")
+    mechanism = {k: v for k, v in (results.get("mechanism") or {}).items() if v}
+    if mechanism:
+        lines.append("Masks on the untrusted set (evaluation only):")
+        lines.append("")
+        for name, m in mechanism.items():
+            lines.append(f"- {name}: mean trigger coverage {_fmt(m.get('poisoned_mean_coverage'))}, fully covered on "
+                         f"{_fmt(m.get('poisoned_share_fully_covered'))} of poisoned samples; clean samples masking the trigger's "
+                         f"place {_fmt(m.get('clean_share_masking_trigger_place'))}; distinct places clean / poisoned "
+                         f"{m.get('clean_distinct_placements', '-')} / {m.get('poisoned_distinct_placements', '-')}")
+        lines.append("")
+    if results.get("proxy_asr_validation") is not None:
+        lines += [f"The defender's proxy backdoor says its word on {_fmt(results['proxy_asr_validation'], 1)}% of triggered "
+                  "validation images (the defender's own check; below 50% its policy has nothing to learn from).", ""]
+    if results.get("cost"):
+        cost = results["cost"]
+        lines += [f"Cost: {cost.get('seconds_per_1000_samples', '-')} s per 1,000 samples, peak RSS {cost.get('peak_rss_mb', '-')} MB", ""]
+    if results.get("stage_seconds"):
+        lines += ["Wall clock per stage (s): " + ", ".join(f"{k} {v:g}" for k, v in results["stage_seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="results.json files")
+    parser.add_argument("--output", type=Path, help="write the markdown here (default: print it)")
+    parser.add_argument("--heading", default="", help="text above the sections")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.results if not p.is_file()]
+    if missing:
+        raise SystemExit(f"no results file at: {', '.join(missing)}")
+    text = "\n".join(([args.heading, ""] if args.heading else []) + [section(p) for p in args.results])
+    if args.output:
+        args.output.write_text(text)
+    else:
+        print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
