@@ -232,14 +232,6 @@ def run(cfg: DefendConfig, scorer=None) -> dict:
     return results
 
 
-def cost_table(costs: dict) -> str:
-    lines = ["| defense | kind | s per 1,000 samples | peak RSS (MB) | CUDA peak (MB) |", "|---|---|---|---|---|"]
-    for name, cost in costs.items():
-        lines.append(f"| {name} | {cost.get('kind', '-')} | {cost.get('seconds_per_1000_samples', '-')} | "
-                     f"{cost.get('peak_rss_mb', '-')} | {cost.get('cuda_peak_mb', '-')} |")
-    return "\n".join(lines)
-
-
 def main(config: DefendConfig, scorer=None) -> dict:
     results = run(config, scorer)
     print(f"\n{', '.join(results['defenses'])} against {config.attack} at {config.poison_rate:g} "
@@ -251,7 +243,7 @@ def main(config: DefendConfig, scorer=None) -> dict:
         print(f"\n{title}\n\n{table}")
     for name, d in results["detection"].items():
         print(f"\n{name} detection (evaluation only): precision {d['precision']:.2f}, recall {d['recall']:.2f}, {d['n_flagged']} flagged")
-    print("\ncost of each defense's own work (a cleanser's retraining excluded):\n\n" + cost_table(results["costs"]))
+    print("\ncost of each defense's own work (a cleanser's retraining excluded):\n\n" + tables.cost_table(results["costs"]))
     print(f"\nresults: {Path(config.output_dir) / 'results.json'}")
     return results
 

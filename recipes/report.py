@@ -25,8 +25,8 @@ def section(path: Path) -> str:
     results = json.loads(path.read_text())
     seeds = results.get("seeds", [results.get("seed", 0)])
     title = f"{results.get('attack')} at {results.get('poison_rate', 0):g}"
-    if results.get("defense"):
-        title += f": {results['defense']}"
+    if results.get("defenses") or results.get("defense"):
+        title += ": " + ", ".join(results.get("defenses") or [results["defense"]])
     if results.get("attack_options"):
         title += f", options {results['attack_options']}"
     if results.get("target"):
@@ -68,7 +68,10 @@ def section(path: Path) -> str:
     if results.get("proxy_asr_validation") is not None:
         lines += [f"The defender's proxy backdoor says its word on {_fmt(results['proxy_asr_validation'], 1)}% of triggered "
                   "validation images (the defender's own check; below 50% its policy has nothing to learn from).", ""]
-    if results.get("cost"):
+    if results.get("costs"):
+        lines += ["Cost of each defense's own work (a cleanser's retraining is the common one, not counted):", "",
+                  tables.cost_table(results["costs"]), ""]
+    elif results.get("cost"):
         cost = results["cost"]
         lines += [f"Cost: {cost.get('seconds_per_1000_samples', '-')} s per 1,000 samples, peak RSS {cost.get('peak_rss_mb', '-')} MB", ""]
     if results.get("stage_seconds"):

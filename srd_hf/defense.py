@@ -142,6 +142,10 @@ class SRDConfig(TrainingArguments):
         disagreement filter alone (the baseline SRD must beat; random masks cost one more
         retraining, so the main job leaves them out: the per-attack tables pass both).
 
+    > Loading
+    trust_remote_code: only from the caller (default False): lets the models' repository code
+        run when they load (the MPT releases of OpenFlamingo need it).
+
     > Retraining and evaluation
     retrain_recipe: "attack" (default: trainable set, epochs, learning rate, batch, schedule and
         seed from the backdoored model's recorded recipe, so the cleansed set is tested where the
@@ -212,6 +216,7 @@ class SRDConfig(TrainingArguments):
     sfs_encoder: str = field(default="embedded:all-MiniLM-L6-v2", metadata={"help": "SFS sentence encoder (default: the embedded MiniLM)."})
     sfs_fluency_lm: str = field(default="embedded:smollm2-135m", metadata={"help": "SFS fluency LM (default: the embedded SmolLM2; gpt2-large is the paper's)."})
     hub_private_repo: bool = field(default=True, metadata={"help": "Pushed repos are private unless this is False."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Let a model's repository code run when it is loaded (never from a folder's own config)."})
 
     def __post_init__(self):
         tag = f"{self.attack}-{self.poison_rate:g}{_variant(self)}"
@@ -338,7 +343,8 @@ def inject_config_for(cfg: SRDConfig) -> InjectConfig:
     settings.update(attack=cfg.attack, poison_rate=cfg.poison_rate, target=cfg.target, clean_model=cfg.clean_model,
                     attack_seed=cfg.attack_seed, seed=cfg.attack_seed, output_dir=str(Path(cfg.backdoored_model).parent),
                     num_test_images=cfg.num_test_images, max_new_tokens=cfg.max_new_tokens, eval_batch_size=cfg.eval_batch_size,
-                    report_to="none", sfs_encoder=cfg.sfs_encoder, sfs_fluency_lm=cfg.sfs_fluency_lm)
+                    report_to="none", sfs_encoder=cfg.sfs_encoder, sfs_fluency_lm=cfg.sfs_fluency_lm,
+                    trust_remote_code=cfg.trust_remote_code)
     inject_cfg, _ = _inject_and_data(settings)
     return inject_cfg
 
@@ -376,14 +382,14 @@ class DefenseInputs:
 def load_inputs(cfg: SRDConfig) -> DefenseInputs:
     """Clean model, backdoored model (planted with the attack's own recipe when missing), the
     untrusted fine-tuning set, the attack and the world's splits."""
-    clean = clean_model_or_pretrain(cfg.clean_model)
+    clean = clean_model_or_pretrain(cfg.clean_model, cfg.trust_remote_code)
     model_dir = Path(cfg.backdoored_model)
     if cfg.default_backdoor or not (model_dir / "config.json").is_file():
         # a folder we named: inject reuses it when complete with the attack's settings, resumes it
         # when torn, and stops naming the settings that differ
         logger.info("backdoor %s: planting %s with %s (reused when done)", model_dir, cfg.attack, cfg.inject_config or "its recipe")
         inject(inject_config_for(cfg), inject_data_for(cfg))
-    victim = load_captioner(cfg.backdoored_model)
+    victim = load_captioner(cfg.backdoored_model, trust_remote_code=cfg.trust_remote_code)
     untrusted = load_from_disk(cfg.poisoned_dataset)
     attack = load_attack(Path(cfg.poisoned_dataset).parent / "attack")
     # the data the backdoor was planted on, as the inject stage recorded it (train: the defender's
@@ -423,10 +429,10 @@ def fine_tune(cfg: SRDConfig, start_model: str, dataset: Dataset, run_dir: Path,
     fingerprint = fingerprints.fine_tune(start_model, dataset, recipe, record, data=data_key)
     what = f"fine-tuning ({record.get('row')})"
     if settled(artifacts.reusable(run_dir, fingerprint, what)):
-        return load_captioner(final)
+        return load_captioner(final, trust_remote_code=cfg.trust_remote_code)
     artifacts.begin(run_dir, fingerprint, what, write=False)  # every rank refuses another run's checkpoints
     on_main(lambda: (artifacts.clear_leftovers(run_dir), artifacts.begin(run_dir, fingerprint, what)))
-    model = load_captioner(start_model)
+    model = load_captioner(start_model, trust_remote_code=cfg.trust_remote_code)
     trainable = recipe.get("trainable") or ""
     model.set_trainable(parse_trainable(trainable))
     args = copy.deepcopy(cfg)

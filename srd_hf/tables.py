@@ -111,6 +111,15 @@ def eval_set_tables(results: dict) -> list[tuple[str, str]]:
     return out
 
 
+def cost_table(costs: dict) -> str:
+    """Markdown: each defense's kind, wall seconds per 1,000 samples and peak memory."""
+    lines = ["| defense | kind | s per 1,000 samples | peak RSS (MB) | CUDA peak (MB) |", "|---|---|---|---|---|"]
+    for name, cost in costs.items():
+        lines.append(f"| {name} | {cost.get('kind', '-')} | {cost.get('seconds_per_1000_samples', '-')} | "
+                     f"{cost.get('peak_rss_mb', '-')} | {cost.get('cuda_peak_mb', '-')} |")
+    return "\n".join(lines)
+
+
 def not_measurable_message(results: dict) -> str:
     control = next((row for name, row in results["rows"].items() if name.startswith("control")), {})
     return (f"NOT MEASURABLE: the control (the same retraining on the unmasked untrusted set) reached ASR "

@@ -24,18 +24,53 @@ TINY = ["--num_finetune_images", "12", "--num_test_images", "4", "--max_eval_ima
 CPU = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
 
 
-def readme_commands() -> list[list[str]]:
-    """The inject commands of the README's section, as argument lists (line continuations joined)."""
+def readme_commands(recipe: str = "inject") -> list[list[str]]:
+    """The commands of one recipe in the README's section, as argument lists (line continuations joined)."""
     text = (ROOT / "README.md").read_text()
     section = text.split("## Bring your own data and model", 1)[1].split("\n## ", 1)[0]
     joined = re.sub(r"\\\n\s*", " ", section)
-    return [shlex.split(line.strip())[2:] for line in joined.splitlines() if line.strip().startswith("python recipes/inject.py")]
+    return [shlex.split(line.strip())[2:] for line in joined.splitlines() if line.strip().startswith(f"python recipes/{recipe}.py")]
 
 
 def command_with(name: str) -> list[str]:
     found = [c for c in readme_commands() if c[c.index("--dataset_name") + 1] == name]
     assert len(found) == 1, f"the README has {len(found)} inject commands on {name}"
     return found[0]
+
+
+def defense_command_for(backdoor_dir: str) -> list[str]:
+    found = [c for c in readme_commands("retrain") if c[c.index("--backdoored_model") + 1] == f"{backdoor_dir}/model"]
+    assert len(found) == 1, f"the README has {len(found)} retrain commands for {backdoor_dir}"
+    return found[0]
+
+
+# the defense at tiny sizes: a few policy steps, two retraining steps, the disagreement filter
+TINY_DEFENSE = ["--num_policy_samples", "8", "--policy_timesteps", "16", "--num_envs", "4", "--learning_starts", "8",
+                "--buffer_size", "50", "--target_update_interval", "8", "--num_test_images", "4", "--max_new_tokens", "4",
+                "--eval_batch_size", "8", "--max_steps", "2", "--save_steps", "1000", "--logging_steps", "1", "--report_to", "none",
+                "--dataloader_num_workers", "0", "--flag_rate", "0.25"]
+
+
+def run_defense_recipe(args: list[str], monkeypatch, scorer) -> dict:
+    import srd_hf.defense as defense
+
+    monkeypatch.setattr(defense, "pipeline_scorer", lambda *names: type("Loaded", (), {"load": lambda self: scorer})())
+    spec = importlib.util.spec_from_file_location("retrain_recipe", ROOT / "recipes" / "retrain.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    (config,) = TrlParser((defense.SRDConfig,)).parse_args_and_config(args)
+    return recipe.main(config)
+
+
+def check_defense_table(results: dict, test_ids: list[str], eval_sets: list[str]) -> None:
+    rows = results["rows"]
+    assert {"clean model", "no defense", "SRD-dqn (untrusted policy)", "disagreement filter",
+            "SRD-dqn filter at inference (untrusted policy)"} <= set(rows) and any(n.startswith("control") for n in rows)
+    for name, row in rows.items():  # ASR on the triggered images of the user's test split
+        assert row["asr_n_scored"] + row["asr_n_excluded"] == len(test_ids) and "object_accuracy" not in row, name
+    assert results["num_test_images"] == len(test_ids) and sorted(results["eval_sets"]) == sorted(eval_sets)
+    for scored in results["eval_sets"].values():
+        assert scored["rows"].keys() == rows.keys()
 
 
 def localise(args: list[str], paths: dict[str, str]) -> list[str]:
@@ -96,6 +131,12 @@ def test_coco_karpathy_with_a_tiny_openflamingo(coco_karpathy_files, flickr30k_f
 
     saved = load_captioner(Path(config.output_dir) / "model")
     assert saved.metadata["backdoor"]["data"]["annotation_file"].endswith("dataset_coco.json")
+    # the README's defense of that backdoor: its data is read where the backdoor was planted
+    args = localise(defense_command_for("outputs/backdoor/coco-badnet"), {"models/openflamingo-3b": str(tmp_path / "openflamingo"),
+                                                                          "outputs/": f"{tmp_path}/outputs/"})
+    results = run_defense_recipe(args + TINY_DEFENSE + CPU, monkeypatch, sfs_scorer)
+    check_defense_table(results, coco_karpathy_files["test_ids"][:4], [name])
+    assert (tmp_path / "outputs" / "srd" / "coco-badnet" / "results.json").is_file()
 
 
 def test_flickr30k_with_a_tiny_llava_lora_bf16_and_checkpointing(flickr30k_files, sfs_scorer, tmp_path, monkeypatch):
@@ -117,6 +158,10 @@ def test_flickr30k_with_a_tiny_llava_lora_bf16_and_checkpointing(flickr30k_files
     saved = load_captioner(Path(config.output_dir) / "model")
     assert not any("lora_" in n for n in saved.state_dict())  # merged into the saved weights
     assert saved.metadata["backdoor"]["attack"] == "badnet"
+    args = localise(defense_command_for("outputs/backdoor/flickr30k-badnet-llava"),
+                    {"llava-hf/llava-1.5-7b-hf": str(tmp_path / "llava"), "outputs/": f"{tmp_path}/outputs/"})
+    results = run_defense_recipe(args + TINY_DEFENSE + CPU, monkeypatch, sfs_scorer)
+    check_defense_table(results, flickr30k_files["test_ids"][:4], [])
 
 
 def test_own_datasets_commands_load(small_world_data, tmp_path):

@@ -84,6 +84,26 @@ def test_the_callers_flag_is_what_lets_remote_code_run(tiny_flamingo, tmp_path, 
     assert remote_code_calls and remote_code_calls[0][1].endswith("evil_lm")
 
 
+def test_the_defense_recipes_take_the_flag_from_the_caller_only(tiny_flamingo, tmp_path, remote_code_calls):
+    """``recipes/retrain.py`` (SRDConfig) loads the user's models with the caller's flag: off by
+    default, so a malicious backdoored-model folder stops before any code of it runs."""
+    from srd_hf.defense import SRDConfig, load_inputs
+
+    marker = tmp_path / "marker"
+    evil = _malicious_model(tiny_flamingo, tmp_path, marker)
+    clean = tiny_flamingo.save_pretrained(tmp_path / "clean")
+    cfg = SRDConfig(output_dir=str(tmp_path / "srd"), clean_model=str(clean), backdoored_model=str(evil),
+                    poisoned_dataset=str(tmp_path / "none"))
+    assert cfg.trust_remote_code is False
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        load_inputs(cfg)
+    assert not marker.exists() and remote_code_calls == []
+    consenting = SRDConfig(output_dir=str(tmp_path / "srd"), clean_model=str(clean), backdoored_model=str(evil),
+                           poisoned_dataset=str(tmp_path / "none"), trust_remote_code=True)
+    with pytest.raises(RemoteCodeReached):
+        load_inputs(consenting)
+
+
 def test_old_config_key_is_read_as_a_note_and_not_written_back(tiny_flamingo, tmp_path):
     folder = tiny_flamingo.save_pretrained(tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
