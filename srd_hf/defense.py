@@ -764,7 +764,11 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     if target_check:
         results["target_check"] = target_check
     if "defender" in policies:  # the defender may check its own proxy backdoor (validation images)
-        results["proxy_asr_validation"] = policies["defender"].config.training.get("proxy_asr_validation")
+        results["proxy_asr_validation"] = proxy = policies["defender"].config.training.get("proxy_asr_validation")
+        if isinstance(proxy, (int, float)) and proxy < tables.MEASURABLE_ASR:
+            logger.warning("the defender's proxy backdoor did not plant (%.1f%% of triggered validation images say %r): its policy "
+                           "had nothing to learn to hide, so the defender rows test no learned policy (try another --defender_target "
+                           "the model can say, e.g. one token of its vocabulary, or --defender_poison_rate)", proxy, cfg.defender_target)
     results["defense_measurable"] = tables.defense_measurable(rows[main.name])
     results["stage_seconds"] = seconds
     on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))

@@ -93,11 +93,15 @@ def results_table(results: dict) -> str:
     measurable = results.get("defense_measurable", True)
     head = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    proxy = results.get("proxy_asr_validation")
     for name, row in results["rows"].items():
         if not is_row_measurable(name, measurable):
             lines.append(f"| {name} | " + " | ".join(["not measurable"] * len(COLUMNS)) + " |")
             continue
-        lines.append(f"| {name} | " + " | ".join(_cell(row, key, fmt, seeds) for key, _, fmt in COLUMNS) + " |")
+        label = name
+        if "(defender policy" in name and isinstance(proxy, (int, float)) and proxy < MEASURABLE_ASR:
+            label += f" (the defender's proxy did not plant: {proxy:.1f}% on validation)"
+        lines.append(f"| {label} | " + " | ".join(_cell(row, key, fmt, seeds) for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -105,7 +109,7 @@ def eval_set_tables(results: dict) -> list[tuple[str, str]]:
     """(title, table) of every extra test set (``eval_datasets``), each under its own control rule."""
     out = []
     for name, scored in (results.get("eval_sets") or {}).items():
-        table = results_table({"rows": scored["rows"], "seeds": results.get("seeds", [0]),
+        table = results_table({"rows": scored["rows"], "seeds": results.get("seeds", [0]), "proxy_asr_validation": results.get("proxy_asr_validation"),
                                "defense_measurable": scored.get("defense_measurable", True)})
         out.append((f"{name} ({scored.get('num_test_images', '?')} test images, not trained on)", table))
     return out
