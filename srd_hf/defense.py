@@ -398,12 +398,8 @@ def load_inputs(cfg: SRDConfig) -> DefenseInputs:
     args = DataArguments(**recorded) if recorded else DataArguments()
     with main_first():
         world = defense_data(args, clean)
-        eval_sets = load_eval_datasets(args, world=embedded_world(clean, args) if _needs_world(args) else None)
+        eval_sets = load_eval_datasets(args, world=embedded_world(clean, args) if args.needs_world else None)
     return DefenseInputs(clean=clean, victim=victim, untrusted=untrusted, attack=attack, world=world, eval_sets=eval_sets)
-
-
-def _needs_world(args: DataArguments) -> bool:
-    return args.is_embedded or any(spec.startswith("embedded") for spec in args.eval_specs)
 
 
 def retraining_recipe(cfg: SRDConfig, victim) -> dict:

@@ -230,7 +230,7 @@ def inject(config: InjectConfig, data_args: DataArguments | None = None, *, data
     # pretraining is a Trainer stage: every rank; the victim on the training device, the clean copy too
     victim = clean_model_or_pretrain(config.clean_model, config.trust_remote_code).to(config.device)
     data_args = data_args or DataArguments()
-    world = embedded_world(victim, data_args) if data_args.is_embedded or any(s.startswith("embedded") for s in data_args.eval_specs) else None
+    world = embedded_world(victim, data_args) if data_args.needs_world else None
     fingerprint = inject_fingerprint(config, provenance(data_args, world=world))
     if settled(artifacts.reusable(out, fingerprint, f"{config.attack} backdoor")):
         logger.info("found a finished backdoored model in %s (same settings): reusing it", final)

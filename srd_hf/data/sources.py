@@ -100,6 +100,11 @@ class DataArguments:
         return self.dataset_name == EMBEDDED
 
     @property
+    def needs_world(self) -> bool:
+        """Whether the embedded world is read: as the source, or as an extra test set."""
+        return self.is_embedded or any(spec.startswith(EMBEDDED) for spec in self.eval_specs)
+
+    @property
     def eval_specs(self) -> list[str]:
         """The extra test sets, defaults resolved."""
         if self.eval_datasets is None:
