@@ -33,6 +33,8 @@ from srd_hf.defenses import defense_from_dict, detection_scores, render_defense_
 from srd_hf.distributed import on_main
 from srd_hf.stages import pipeline_scorer
 
+logger = logging.getLogger(__name__)
+
 #: ``--defense all``: the paper's rivals and the test-time one
 ALL = ("abl", "vdc", "ct", "attention_pruning")
 
@@ -166,8 +168,8 @@ def _results(cfg: DefendConfig, sets: list, rows: dict, recipe: dict, scorer, **
 
 def srd_rows(cfg: DefendConfig, sets: list) -> tuple[dict, dict]:
     """SRD's rows (retrained and inference filter) from its pipeline's results on the same
-    backdoor and test images, and its cost (policy training and cleansing seconds per 1,000
-    untrusted samples, from the pipeline's stage clock)."""
+    backdoor and test images, and the cost of its cleansing (policy, masks and flag, per 1,000
+    untrusted samples), as its pipeline recorded it with the artifacts it made."""
     path = cfg.srd_results_path()
     if path is None:
         return {}, {}
@@ -181,12 +183,10 @@ def srd_rows(cfg: DefendConfig, sets: list) -> tuple[dict, dict]:
                          f"{srd.get('num_test_images')} test images): pass the SRD results of this backdoor")
     by_set = {sets[0].name: srd["rows"], **{n: s["rows"] for n, s in (srd.get("eval_sets") or {}).items()}}
     rows = {s.name: {n: r for n, r in by_set.get(s.name, {}).items() if n.startswith("SRD-")} for s in sets}
-    seconds = srd.get("stage_seconds") or {}
-    n_samples = sum((srd.get("cleansing") or {}).get(n, {}).get("n_samples", 0) for n in (srd.get("cleansing") or {}) if n.startswith("srd ("))
-    cost = {"source": str(path), "policy_and_cleansing_seconds": seconds.get("train_policy", 0) + seconds.get("cleanse", 0)}
-    if n_samples:
-        cost["seconds_per_1000_samples"] = round(1000.0 * cost["policy_and_cleansing_seconds"] / n_samples, 2)
-    return rows, cost
+    costs = {name: {**cost, "source": str(path)} for name, cost in (srd.get("costs") or {}).items() if name.startswith("SRD-")}
+    if not costs:
+        logger.warning("%s records no cost of SRD's cleansing (its artifacts predate cost records): its cost row is left out", path)
+    return rows, costs
 
 
 def run(cfg: DefendConfig, scorer=None) -> dict:
@@ -197,7 +197,7 @@ def run(cfg: DefendConfig, scorer=None) -> dict:
     recipe = retraining_recipe(cfg, inputs.victim)
     sets = [ScoredSet.build("test", inputs.world["test"], inputs.attack, cfg.num_test_images),
             *(ScoredSet.build(n, d, inputs.attack, cfg.num_test_images) for n, d in inputs.eval_sets.items())]
-    extra_rows, srd_cost = srd_rows(cfg, sets)  # checked before any work: the same backdoor and test images
+    extra_rows, srd_costs = srd_rows(cfg, sets)  # checked before any work: the same backdoor and test images
     reference_rows = {}
     for s in sets:
         s.references = inputs.clean.generate_captions(s.images, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
@@ -223,8 +223,7 @@ def run(cfg: DefendConfig, scorer=None) -> dict:
     for s in sets:
         rows[s.name].update(extra_rows.get(s.name, {}))
     costs = {name: {"kind": res["kind"], **res["cost"]} for name, res in per_defense.items()}
-    if srd_cost:
-        costs["SRD (its pipeline)"] = {"kind": "cleanser", **srd_cost}
+    costs.update(srd_costs)
     detection = {name: res["detection"] for name, res in per_defense.items() if res.get("detection")}
     results = _results(cfg, sets, rows, recipe, scorer, defenses=list(per_defense), costs=costs, detection=detection,
                        per_defense={n: str(cfg.out / n / "results.json") for n in per_defense}, command=command_line())
@@ -249,6 +248,6 @@ def main(config: DefendConfig, scorer=None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     (config,) = TrlParser((DefendConfig,)).parse_args_and_config()
     main(config)

@@ -21,6 +21,13 @@ def _fmt(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
+def _spread(record: dict, key: str) -> str:
+    """``mean ± std`` where several seeds measured it, else the one value."""
+    if f"{key}_std" in record:
+        return f"{_fmt(record.get(key))} ± {_fmt(record[f'{key}_std'])}"
+    return _fmt(record.get(key))
+
+
 def section(path: Path) -> str:
     results = json.loads(path.read_text())
     seeds = results.get("seeds", [results.get("seed", 0)])
@@ -52,8 +59,8 @@ def section(path: Path) -> str:
         lines.append("Flags against the poisoned set's ground truth (evaluation only):")
         lines.append("")
         for name, d in detection.items():
-            lines.append(f"- {name}: {d.get('n_flagged', '?')} flagged, precision {_fmt(d.get('precision'))}, "
-                         f"recall {_fmt(d.get('recall'))}")
+            lines.append(f"- {name}: {_fmt(d.get('n_flagged'), 0)} flagged, precision {_spread(d, 'precision')}, "
+                         f"recall {_spread(d, 'recall')}" + (" (mean ± std over seeds)" if "precision_std" in d else ""))
         lines.append("")
     mechanism = {k: v for k, v in (results.get("mechanism") or {}).items() if v}
     if mechanism:

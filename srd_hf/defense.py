@@ -55,6 +55,7 @@ from . import artifacts, fingerprints, tables
 from .attacks import load_attack
 from .attacks.base import Attack
 from .cleansing import CAPTION_POLICIES, disagreement_filter, random_masks, srd_cleanse, with_images
+from .cost import combine, mean_over_seeds, measure_cost
 from .data.images import ensure_rgb
 from .defenses.base import detection_scores
 from .defender import DefenderConfig, defender_set, trusted_images
@@ -70,7 +71,7 @@ from .rl.env import MaskingEnvConfig, MaskingVecEnv
 from .rl.modeling_srd import SRDPolicy
 from .rl.reward import RewardConfig
 from .rl.training import PolicyTrainingConfig, train_masking_policy
-from .stages import DEFENSE_LAYOUT, dataset_stage, overwrite, pipeline_scorer
+from .stages import DEFENSE_LAYOUT, dataset_stage, overwrite, pipeline_scorer, stage_cost
 from .vlm import CaptionCollator, load_captioner, parse_trainable
 
 logger = logging.getLogger(__name__)
@@ -516,8 +517,17 @@ def train_policy(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, *, scorer
 
 
 def _train_policy(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, scorer, victim, images, record, folder: Path, fingerprint: dict):
+    with measure_cost(len(images), cost := {}):  # the whole stage: the references, the environment and training
+        policy = _fit_policy(cfg, protocol, scorer, victim, inputs.clean, images, record, fingerprint)
+    policy.config.training["cost"] = cost  # what making it cost, for the tables of runs that reuse it
+    artifacts.clear_leftovers(folder.parent)
+    with artifacts.staged(folder, fingerprint) as tmp:
+        policy.save_pretrained(tmp)
+
+
+def _fit_policy(cfg: SRDConfig, protocol: str, scorer, victim, clean, images, record, fingerprint: dict) -> SRDPolicy:
     # the reward compares the victim with a trusted captioner: the pre-attack model
-    references = inputs.clean.generate_captions(images, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
+    references = clean.generate_captions(images, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
     env = MaskingVecEnv(victim, images, references, cfg.env_config(), scorer=scorer, progress=True)
     start = time.time()
     record.update({"policy_data": protocol, "num_policy_samples": len(images), "attack": cfg.attack, "poison_rate": cfg.poison_rate,
@@ -530,9 +540,7 @@ def _train_policy(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, scorer, 
     policy.config.training["train_seconds"] = round(time.time() - start, 1)
     policy.config.training["env_steps_per_second"] = round(summary["timesteps"] / max(time.time() - start, 1e-9), 1)
     policy.config.training["scorer"] = fingerprints.scorer_names(scorer)
-    artifacts.clear_leftovers(folder.parent)
-    with artifacts.staged(folder, fingerprint) as tmp:
-        policy.save_pretrained(tmp)
+    return policy
 
 
 # ----------------------------------------------------------------------------- cleansing
@@ -718,6 +726,7 @@ def run_one_seed(cfg: SRDConfig) -> dict:
             cfg.out / "disagreement-filter", fingerprints.disagreement(cfg, scorer), build, "disagreement filter")
         on_main(lambda: artifacts.write_json(cfg.out / "disagreement-filter.json", reports["disagreement filter"]))
     detection = {name: flag_quality(report.get("flagged_rows"), inputs.untrusted) for name, report in reports.items()}
+    costs = cleanser_costs(cfg, policies, datasets, len(inputs.untrusted))
     lap("cleanse")
 
     # retraining: control first (no control that plants, no claim)
@@ -753,7 +762,7 @@ def run_one_seed(cfg: SRDConfig) -> dict:
                "attack_seed": cfg.attack_seed, "policy_seed": cfg.policy_seed, "retraining_recipe": recipe,
                "control_reuses_backdoored_model": control_reused,
                "cleansing": {n: {k: v for k, v in r.items() if k != "flagged_rows"} for n, r in reports.items()},
-               "detection": detection, "mechanism": mechanism,
+               "detection": detection, "mechanism": mechanism, "costs": costs,
                "scorer": scorer_record(scorer), "rows": rows[main.name],
                "eval_sets": {s.name: {"num_test_images": len(s.test), "rows": rows[s.name],
                                       "defense_measurable": tables.defense_measurable(rows[s.name])} for s in extra}}
@@ -769,6 +778,21 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     results["stage_seconds"] = seconds
     on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))
     return results
+
+
+def cleanser_costs(cfg: SRDConfig, policies: dict, datasets: dict, n_samples: int) -> dict:
+    """What each cleanser's own work cost per 1,000 untrusted samples (retraining excluded),
+    read from the records of the artifacts it made, so a run that reuses them reports the cost
+    of making them: SRD's is its policy (references, environment, training), its masks and its
+    flag; a baseline's is its dataset stage. Absent for artifacts made before costs were recorded."""
+    parts = {f"SRD-{cfg.algorithm} ({p} policy)": {"policy": policy.config.training.get("cost"),
+                                                   "masks": stage_cost(cfg.out / f"masked-{p}"),
+                                                   "flag": stage_cost(cfg.out / f"cleansed-{p}")} for p, policy in policies.items()}
+    for name, folder in (("random masks", "random-masks"), ("disagreement filter", "disagreement-filter")):
+        if name in datasets:
+            parts[name] = {name: stage_cost(cfg.out / folder)}
+    costs = {name: combine(p, n_samples) for name, p in parts.items()}
+    return {name: {"kind": "cleanser", **c} for name, c in costs.items() if c}
 
 
 def flag_quality(flagged_rows, untrusted: Dataset) -> dict | None:
@@ -824,7 +848,9 @@ def run_pipeline(cfg: SRDConfig) -> dict:
     else:
         results = {k: v for k, v in per_seed[0].items() if k not in ("rows", "stage_seconds", "seed", "attack_seed", "policy_seed",
                                                                       "cleansing", "mechanism", "detection", "eval_sets",
-                                                                      "proxy_asr_validation")}
+                                                                      "proxy_asr_validation", "costs")}
+        results["costs"] = mean_over_seeds([r.get("costs") or {} for r in per_seed])
+        results["detection"] = tables.mean_detection([r.get("detection") or {} for r in per_seed])
         if "proxy_asr_validation" in per_seed[0]:
             results["proxy_asr_validation"] = float(np.mean([r["proxy_asr_validation"] for r in per_seed]))
         names = [n for n in per_seed[0].get("eval_sets", {}) if all(n in r.get("eval_sets", {}) for r in per_seed)]

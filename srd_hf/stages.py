@@ -11,32 +11,45 @@ from typing import Callable
 from datasets import Dataset, load_from_disk
 
 from . import artifacts
+from .cost import measure_cost
 from .distributed import is_main, on_main, settled, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
 REPORT = "report.json"
+#: what building a dataset stage cost (wall seconds, peak memory), kept beside it
+COST = "cost.json"
 #: what ``--overwrite_output_dir`` removes from a defense's output_dir
 DEFENSE_LAYOUT = ("seed-*", "results.json", "runs")
 
 
 def dataset_stage(folder: str | Path, fingerprint: dict, build: Callable[[], Dataset | tuple[Dataset, dict]],
                   what: str) -> tuple[Dataset, dict | None]:
-    """``build()`` once (main process; the others wait), saved atomically with its marker and
-    its report (if ``build`` returns one); then every rank loads it."""
+    """``build()`` once (main process; the others wait), saved atomically with its marker, its
+    report (if ``build`` returns one) and what building it cost (``cost.json``, read by
+    ``stage_cost``); then every rank loads it."""
     folder = Path(folder)
     if not settled(artifacts.reusable(folder, fingerprint, what)):
         def make():
             artifacts.clear_leftovers(folder.parent)
-            built = build()
-            dataset, report = built if isinstance(built, tuple) else (built, None)
+            with measure_cost(0, cost := {}):
+                built = build()
+                dataset, report = built if isinstance(built, tuple) else (built, None)
+                cost["n_samples"] = len(dataset)
             with artifacts.staged(folder, fingerprint) as tmp:
                 dataset.save_to_disk(str(tmp))
+                artifacts.write_json(tmp / COST, cost)
                 if report is not None:
                     artifacts.write_json(tmp / REPORT, report)
         on_main(make)
     report_file = folder / REPORT
     return load_from_disk(str(folder)), (json.loads(report_file.read_text()) if report_file.is_file() else None)
+
+
+def stage_cost(folder: str | Path) -> dict | None:
+    """What building a dataset stage cost (None for one saved before costs were recorded)."""
+    path = Path(folder) / COST
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def pipeline_scorer(encoder: str | None = None, fluency_lm: str | None = None):

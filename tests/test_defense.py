@@ -50,6 +50,23 @@ def test_seeds_get_their_own_backdoor_and_output(tmp_path):
     assert given.backdoored_model == "mine/model"  # a model the caller gave is never swapped
 
 
+def test_costs_and_flag_quality_over_seeds():
+    from srd_hf.cost import combine, mean_over_seeds
+    from srd_hf.tables import mean_detection
+
+    parts = {"policy": {"wall_seconds": 30.0, "peak_rss_mb": 900.0}, "masks": {"wall_seconds": 5.0, "peak_rss_mb": 1200.0}}
+    made = combine(parts, 10000)
+    assert made["wall_seconds"] == 35.0 and made["seconds_per_1000_samples"] == 3.5 and made["peak_rss_mb"] == 1200.0
+    assert combine({**parts, "flag": None}, 10000) is None  # a part without a record: no understated sum
+    seeds = mean_over_seeds([{"srd": {"kind": "cleanser", **made}}, {"srd": {"kind": "cleanser", **made, "wall_seconds": 45.0,
+                                                                            "peak_rss_mb": 1500.0}}, {}])
+    assert seeds["srd"]["wall_seconds"] == 40.0 and seeds["srd"]["peak_rss_mb"] == 1500.0 and seeds["srd"]["num_seeds"] == 2
+    assert seeds["srd"]["kind"] == "cleanser"
+    flags = mean_detection([{"srd": {"precision": 0.8, "recall": 1.0}, "f": None}, {"srd": {"precision": 0.6, "recall": 1.0}, "f": None}])
+    assert set(flags) == {"srd"} and np.isclose(flags["srd"]["precision"], 0.7) and flags["srd"]["precision_values"] == [0.8, 0.6]
+    assert np.isclose(flags["srd"]["precision_std"], np.std([0.8, 0.6], ddof=1)) and flags["srd"]["recall_std"] == 0.0
+
+
 @pytest.mark.parametrize("attack", ["badnet", "blended", "trojvlm", "vlood", "vl_trojan", "shadowcast"])
 def test_pipeline_plants_with_the_attacks_own_recipe(attack, tmp_path):
     import yaml
@@ -258,6 +275,10 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
     again = run_pipeline(SRDConfig(**common))
     assert (seed_dir / "retrain-srd-untrusted-pre_attack" / "model" / "model.safetensors").stat().st_mtime == stamp
     assert np.isclose(again["rows"]["SRD-dqn (untrusted policy)"]["cider"], rows["SRD-dqn (untrusted policy)"]["cider"])
+    # the cost of SRD's cleansing is that of making its policy, masks and flag, not of loading them again
+    made = results["costs"]["SRD-dqn (untrusted policy)"]
+    assert set(made["parts_seconds"]) == {"policy", "masks", "flag"} and made["n_samples"] == results["cleansing"]["srd (untrusted policy)"]["n_samples"]
+    assert again["costs"] == results["costs"] and made["wall_seconds"] >= made["parts_seconds"]["policy"] > 0
 
 
 @pytest.mark.slow

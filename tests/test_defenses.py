@@ -295,7 +295,9 @@ def test_defend_recipe_one_table_with_srd_rows(planted, sfs_scorer, tmp_path, ca
         assert saved["rows"][name]["cider"] == rows[name]["cider"] and saved["kind"] in ("cleanser", "test_time")
         assert (tmp_path / "defend" / name / "README.md").read_text().count("| no defense |") == 1
         assert results["costs"][name]["seconds_per_1000_samples"] > 0
-    assert results["detection"]["vdc"]["n_flagged"] >= 0 and "SRD (its pipeline)" in results["costs"]
+    assert results["detection"]["vdc"]["n_flagged"] >= 0
+    srd_cost = results["costs"]["SRD-dqn (untrusted policy)"]  # what its pipeline recorded making policy, masks and flag
+    assert set(srd_cost["parts_seconds"]) == {"policy", "masks", "flag"} and srd_cost["seconds_per_1000_samples"] > 0
     out = capsys.readouterr().out
     assert "| vdc |" in out and "| attention_pruning |" in out and "embedded-shifted" in out and "s per 1,000 samples" in out
     assert json.loads((tmp_path / "defend" / "results.json").read_text())["rows"].keys() == rows.keys()

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import resource
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -31,6 +28,7 @@ from datasets import Dataset
 from PIL import Image
 from transformers import Trainer, TrainingArguments
 
+from ..cost import measure_cost  # noqa: F401  (the defenses' cost, re-exported)
 from ..data.images import ensure_rgb
 from ..vlm import parse_trainable
 
@@ -152,30 +150,6 @@ class TestTimeDefense(Defense):
     def wrap(self, captioner):
         """A captioner-like object whose ``generate_captions`` applies the defense."""
         raise NotImplementedError
-
-
-# ----------------------------------------------------------------------------- cost
-@contextmanager
-def measure_cost(n_samples: int, record: dict):
-    """Fills ``record`` with wall seconds (total and per 1,000 samples) and peak memory.
-
-    ``peak_rss_mb`` is the process's resident high-water mark (``getrusage``), so it includes
-    everything loaded before the defense ran: an upper bound of what the defense needs.
-    ``cuda_peak_mb`` is the CUDA allocator's peak during the defense (reset at the start).
-    """
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    try:
-        yield record
-    finally:
-        seconds = time.perf_counter() - start
-        record.update(wall_seconds=round(seconds, 2), n_samples=int(n_samples),
-                      seconds_per_1000_samples=round(1000.0 * seconds / max(n_samples, 1), 2),
-                      peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1))
-        if cuda:
-            record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 # ----------------------------------------------------------------------------- per-sample losses
