@@ -35,6 +35,11 @@ def test_default_world_is_unchanged(split):
     assert _digest(build_split(world_config("default"), split, num_rows=4)) == DEFAULT_WORLD_DIGESTS[split]
 
 
+def test_world_rendered_in_several_processes_is_the_one_process_world():
+    world = world_config("default")
+    assert _digest(build_split(world, "train", num_rows=40, workers=3)) == _digest(build_split(world, "train", num_rows=40, workers=1))
+
+
 def test_default_world_config_and_cache_key_unchanged():
     keys = set(world_config("default").to_dict())
     assert keys == {"image_size", "patch_size", "num_train", "num_validation", "num_test", "grid", "min_objects",
