@@ -38,6 +38,6 @@ def main(config: InjectConfig, data_args: DataArguments | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     config, data_args = TrlParser((InjectConfig, DataArguments)).parse_args_and_config()
     main(config, data_args)

@@ -40,6 +40,6 @@ def main(config: PretrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     (config,) = TrlParser((PretrainConfig,)).parse_args_and_config()
     main(config)

@@ -39,6 +39,6 @@ def main(config: SRDConfig):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     (config,) = TrlParser((SRDConfig,)).parse_args_and_config()
     main(config)
