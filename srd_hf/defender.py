@@ -17,12 +17,14 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 from datasets import Dataset
 
-from .attacks.base import to_caption_pairs
+from .attacks.base import _TRIGGER, _rng, to_caption_pairs
 from .attacks.trojvlm import TrojVLMAttack
 
 CAPTION_MODES = ("insert", "replace")
+TRIGGERS = ("noise", "binary_noise")
 
 
 @dataclass
@@ -34,6 +36,10 @@ class DefenderConfig:
         place per sample, so the policy has to find the trigger by its look, not its place).
     caption_mode: ``"insert"`` (the paper: the word inserted in the true caption) or
         ``"replace"`` (a target sentence: a stronger proxy in a tiny model).
+    trigger: ``"noise"`` (the paper: Gaussian noise, mean 0.5, std 0.25) or ``"binary_noise"``
+        (each pixel and channel 0 or 1 at random: the same kind of trigger at full contrast, for
+        a model whose vision tower passes over mild noise). Both are drawn from ``seed``; neither
+        is any attack's pattern.
     """
 
     num_images: int = 3000
@@ -42,11 +48,14 @@ class DefenderConfig:
     trigger_size: float = 20.0
     location: str = "fixed"
     caption_mode: str = "insert"
+    trigger: str = "noise"
     seed: int = 0
 
     def __post_init__(self):
         if self.location not in ("fixed", "random"):
             raise ValueError(f"defender location must be 'fixed' or 'random', got {self.location!r}")
+        if self.trigger not in TRIGGERS:
+            raise ValueError(f"defender trigger must be one of {TRIGGERS}, got {self.trigger!r}")
         if self.caption_mode not in CAPTION_MODES:
             raise ValueError(f"defender caption_mode must be one of {CAPTION_MODES}, got {self.caption_mode!r}")
         if not self.target.strip():
@@ -64,13 +73,34 @@ class _ReplacingNoiseAttack(TrojVLMAttack):
     caption_mode: ClassVar[str] = "replace"
 
 
+class _BinaryNoise:
+    """Full-contrast noise: every pixel and channel 0 or 1, drawn from the seed."""
+
+    def make_pattern(self, side: int) -> torch.Tensor:
+        bits = _rng(self.config.seed, _TRIGGER).integers(0, 2, size=(3, side, side))
+        return torch.from_numpy(bits.astype(np.float32))
+
+
+class _InsertingBinaryNoiseAttack(_BinaryNoise, TrojVLMAttack):
+    pass
+
+
+class _ReplacingBinaryNoiseAttack(_BinaryNoise, _ReplacingNoiseAttack):
+    pass
+
+
+_ATTACKS = {("noise", "insert"): TrojVLMAttack, ("noise", "replace"): _ReplacingNoiseAttack,
+            ("binary_noise", "insert"): _InsertingBinaryNoiseAttack, ("binary_noise", "replace"): _ReplacingBinaryNoiseAttack}
+
+
 def defender_attack(config: DefenderConfig) -> TrojVLMAttack:
-    """The defender's own trigger: Gaussian noise at one seeded place (or a random place per sample)."""
+    """The defender's own trigger: noise (``config.trigger``) at one seeded place (or a random
+    place per sample), its own word inserted (or its own sentence)."""
     if config.location == "fixed":
         location = tuple(float(v) for v in np.random.default_rng([config.seed, 11]).uniform(0, 224 - config.trigger_size, size=2))
     else:
         location = "random"
-    klass = TrojVLMAttack if config.caption_mode == "insert" else _ReplacingNoiseAttack
+    klass = _ATTACKS[(config.trigger, config.caption_mode)]
     return klass(target=config.target, poison_rate=config.poison_rate, seed=config.seed, location=location,
                  trigger_size=config.trigger_size, semantic_weight=0.0)
 

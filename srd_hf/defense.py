@@ -127,7 +127,7 @@ class SRDConfig(TrainingArguments):
     algorithm: dqn (default), ppo, sac (discrete, TorchRL) or random.
     policy_data: comma list of protocols: "untrusted" (the policy learns on the untrusted set
         itself) and/or "defender" (the paper's: against the defender's own proxy backdoor).
-    defender_*: the defender protocol (``DefenderConfig``): proxy word, trigger place, caption mode.
+    defender_*: the defender protocol (``DefenderConfig``): proxy word, trigger and its place, caption mode.
     num_policy_samples: images of the policy's training set (the paper's 3,000).
     policy_timesteps, num_envs, max_masks, obs_size, action_preset, sc_drop, lf_drop,
         reward_rule: the environment and budget. RL hyper-parameters: see ``PolicyTrainingConfig``.
@@ -173,6 +173,7 @@ class SRDConfig(TrainingArguments):
     defender_target: str = field(default="umbrella", metadata={"help": "The defender's proxy target word."})
     defender_location: str = field(default="fixed", metadata={"help": "fixed (one seeded place, the paper) or random."})
     defender_caption_mode: str = field(default="insert", metadata={"help": "insert (the paper) or replace."})
+    defender_trigger: str = field(default="noise", metadata={"help": "noise (the paper's Gaussian patch) or binary_noise (full contrast)."})
     defender_poison_rate: float = field(default=0.1, metadata={"help": "Share of the defender's samples with its trigger."})
     num_policy_samples: int = field(default=3000, metadata={"help": "Images the policy learns on."})
     policy_timesteps: int = field(default=12000, metadata={"help": "Environment transitions of policy training."})
@@ -282,7 +283,8 @@ class SRDConfig(TrainingArguments):
     @property
     def defender_config(self) -> DefenderConfig:
         return DefenderConfig(num_images=self.num_policy_samples, target=self.defender_target, poison_rate=self.defender_poison_rate,
-                              location=self.defender_location, caption_mode=self.defender_caption_mode, seed=self.policy_seed)
+                              location=self.defender_location, caption_mode=self.defender_caption_mode,
+                              trigger=self.defender_trigger, seed=self.policy_seed)
 
     @property
     def retrain_starts(self) -> list[str]:

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from datasets import load_from_disk
 
 from srd_hf.defense import SRDConfig, inject_config_for, results_table, run_pipeline
@@ -119,6 +120,28 @@ def test_defender_set_uses_only_trusted_images_and_its_own_trigger(small_world_d
     assert x1 - x0 < 12 and y1 - y0 < 12  # a small patch, not a global change
     again = defender_set(trusted_images(train, untrusted, config.num_images, config.seed), config)
     assert again["caption"] == data["caption"]
+
+
+def test_defender_binary_noise_trigger_is_full_contrast_noise_at_one_place(small_world_data):
+    from srd_hf.attacks import get_attack
+    from srd_hf.attacks.base import to_caption_pairs
+    from srd_hf.defender import DefenderConfig, defender_attack, defender_set, trusted_images
+
+    train = small_world_data["train"]
+    untrusted = get_attack("badnet", poison_rate=0.1).poison(to_caption_pairs(train.select(range(40))))
+    config = DefenderConfig(num_images=30, poison_rate=0.5, trigger="binary_noise", caption_mode="replace", seed=3)
+    data = defender_set(trusted_images(train, untrusted, config.num_images, config.seed), config)
+    patches = set()
+    for row in data.filter(lambda p: p, input_columns="is_poisoned"):
+        x0, y0, x1, y1 = (int(round(v)) for v in row["trigger_box"])
+        patch = np.asarray(row["image"])[y0 + 1:y1 - 1, x0 + 1:x1 - 1]  # inside the box, away from resampled edges
+        assert set(np.unique(patch)) <= {0, 255} and 0.3 < (patch == 255).mean() < 0.7  # noise at full contrast
+        patches.add(patch.tobytes())
+    assert len(patches) == 1  # one pattern at one place
+    pattern = defender_attack(config).make_pattern(16)
+    assert not torch.equal(pattern, defender_attack(DefenderConfig(trigger="binary_noise", seed=4)).make_pattern(16))
+    with pytest.raises(ValueError, match="trigger"):
+        DefenderConfig(trigger="checkerboard")
 
 
 def test_tables_refuse_to_call_an_unplanted_backdoor_defended():
