@@ -83,9 +83,9 @@ def main() -> None:
     t0 = time.time()
     victim, world = build_victim(args)
     victim = victim.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
-    scorer = SFSScorer(device=args.device, lm_dtype=args.dtype)
+    scorer = SFSScorer(device=args.device, lm_dtype=args.dtype, memo_size=0)
     if args.full_size:
-        scorer = SFSScorer(device=args.device, lm_dtype=args.dtype,
+        scorer = SFSScorer(device=args.device, lm_dtype=args.dtype, memo_size=0,
                            fluency_lm=gpt2_large_shaped(tempfile.mkdtemp(), scorer.tokenizer))
     scorer.load()
     world = world or world_config("default")

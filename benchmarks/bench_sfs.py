@@ -86,7 +86,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     scorer = SFSScorer(encoder=EMBEDDED_ENCODER, fluency_lm=EMBEDDED_LM, device=args.device,
-                       batch_size=args.batch_size, lm_dtype=args.lm_dtype).load()
+                       batch_size=args.batch_size, lm_dtype=args.lm_dtype, memo_size=0).load()  # the models' work, not the memo
     print(f"model load: {time.perf_counter() - t0:.1f} s  (device {scorer.device})")
     scorer.score(preds[:8], refs[:8])  # warm-up
 

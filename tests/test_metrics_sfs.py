@@ -170,9 +170,34 @@ def test_precomputed_references_give_the_same_result(sfs):
 def test_batch_size_does_not_change_scores(sfs):
     preds = [PARAPHRASE, "a cat", SCRAMBLED, UNRELATED, "dog"]
     refs = [REF] * 5
+    sfs.scorer.forget()  # each call computes its texts afresh
     one = sfs.compute(predictions=preds, references=refs, batch_size=1, return_per_sample=True)
+    sfs.scorer.forget()
     many = sfs.compute(predictions=preds, references=refs, batch_size=64, return_per_sample=True)
     np.testing.assert_allclose(one["sfs_per_sample"], many["sfs_per_sample"], rtol=1e-4, atol=1e-5)
+
+
+def test_texts_are_scored_once_across_calls(sfs, monkeypatch):
+    from srd_hf.metrics import SFSScorer
+
+    scorer = SFSScorer(encoder=EMBEDDED_ENCODER, fluency_lm=EMBEDDED_LM, memo_size=4)
+    scorer._encoder, scorer._lm, scorer._tokenizer = sfs.scorer._encoder, sfs.scorer._lm, sfs.scorer._tokenizer
+    seen = []
+    real = scorer._perplexity_of
+    monkeypatch.setattr(scorer, "_perplexity_of", lambda texts, bs: seen.append(list(texts)) or real(texts, bs))
+    first = scorer.score([PARAPHRASE, "a cat"], [REF, REF], return_per_sample=True)
+    again = scorer.score(["a cat", PARAPHRASE], [REF, REF], return_per_sample=True)
+    assert seen == [[PARAPHRASE, "a cat", REF]]  # the second call found every text in the memo
+    assert again["sfs_per_sample"] == first["sfs_per_sample"][::-1]
+    scorer.score([UNRELATED, SCRAMBLED], [FLUENT, FLUENT])  # past memo_size: the memo starts over, never grows past it
+    assert len(scorer._memo["perplexity"]) <= 4 and len(scorer._memo["embed"]) <= 4
+    unremembered = SFSScorer(encoder=EMBEDDED_ENCODER, fluency_lm=EMBEDDED_LM, memo_size=0)
+    unremembered._encoder, unremembered._lm, unremembered._tokenizer = scorer._encoder, scorer._lm, scorer._tokenizer
+    np.testing.assert_allclose(unremembered.score([PARAPHRASE, "a cat"], [REF, REF], return_per_sample=True)["sfs_per_sample"],
+                               first["sfs_per_sample"], rtol=1e-5)
+    assert not unremembered._memo["perplexity"]
+    with pytest.raises(ValueError, match="memo_size"):
+        SFSScorer(memo_size=-1)
 
 
 def test_single_word_has_finite_perplexity(sfs):

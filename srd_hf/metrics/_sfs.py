@@ -69,6 +69,9 @@ class SFSScorer:
         lm_dtype: ``"float32"`` (default), or ``"bfloat16"``/``"float16"`` for speed: on a
             2-core CPU with AMX, bfloat16 SmolLM2 is ~1.8x faster but its perplexities are off
             by ~10% (LF by ~0.01 on average, up to ~0.1 on single captions).
+        memo_size: texts whose embedding and perplexity are kept across calls (0: none). A
+            table scores every model against the same references, and captions repeat across
+            models, so most texts are scored once per run instead of once per model.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class SFSScorer:
         model_cache_dir: str | os.PathLike | None = None,
         max_length: int = 128,
         lm_dtype: str = "float32",
+        memo_size: int = 100_000,
     ) -> None:
         self.alpha = check_unit_interval("alpha", alpha)
         self.lf_normalization = check_choice("lf_normalization", lf_normalization, LF_NORMALIZATIONS)
@@ -98,6 +102,10 @@ class SFSScorer:
         self.encoder_loaded: str | None = None
         self.fluency_lm_loaded: str | None = None
         self._tokenizer = None
+        if isinstance(memo_size, bool) or not isinstance(memo_size, int) or memo_size < 0:
+            raise ValueError(f"memo_size must be a non-negative int, got {memo_size!r}")
+        self.memo_size = memo_size
+        self._memo: dict[str, dict[str, Any]] = {"embed": {}, "perplexity": {}}
 
     # ------------------------------------------------------------------------------------------
     # models
@@ -154,14 +162,10 @@ class SFSScorer:
         if not texts:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
         unique, inverse = _unique(texts)
-        emb = self.encoder.encode(
-            unique,
-            batch_size=batch_size or self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return np.asarray(emb, dtype=np.float32)[inverse]
+        encode = lambda todo: np.asarray(self.encoder.encode(  # noqa: E731
+            todo, batch_size=batch_size or self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False), dtype=np.float32)
+        return np.stack(self._remembered("embed", unique, encode))[inverse]
 
     def perplexity(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """Perplexity of each text under the fluency LM, float64 array of shape ``(len(texts),)``.
@@ -170,13 +174,33 @@ class SFSScorer:
         BOS) prepended so that the first word is scored too. Texts that give no token to score
         (the empty string with no BOS/EOS) get NaN.
         """
-        import torch
-
         texts = check_strings("texts", texts, allow_empty_list=True)
         if not texts:
             return np.zeros(0, dtype=np.float64)
-        batch_size = batch_size or self.batch_size
         unique, inverse = _unique(texts)
+        values = self._remembered("perplexity", unique, lambda todo: self._perplexity_of(todo, batch_size or self.batch_size))
+        return np.asarray(values, dtype=np.float64)[inverse]
+
+    def forget(self) -> None:
+        """Drop the remembered embeddings and perplexities."""
+        for memo in self._memo.values():
+            memo.clear()
+
+    def _remembered(self, kind: str, unique: list[str], compute) -> list:
+        """``compute`` on the texts not yet in the memo; every text's value, in order."""
+        memo = self._memo[kind]
+        todo = [t for t in unique if t not in memo]
+        fresh = dict(zip(todo, compute(todo))) if todo else {}
+        values = [fresh[t] if t in fresh else memo[t] for t in unique]
+        if self.memo_size:
+            if len(memo) + len(fresh) > self.memo_size:
+                memo.clear()
+            memo.update(list(fresh.items())[: self.memo_size])
+        return values
+
+    def _perplexity_of(self, unique: list[str], batch_size: int) -> np.ndarray:
+        import torch
+
         model, tok = self.lm, self.tokenizer
         prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (prefix if prefix is not None else 0)
@@ -212,7 +236,7 @@ class SFSScorer:
                 mean_nll = (total / scored.sum(1)).cpu().numpy()
                 with np.errstate(over="ignore"):
                     ppl[idx] = np.exp(mean_nll)
-        return ppl[inverse]
+        return ppl
 
     # ------------------------------------------------------------------------------------------
     # the score
