@@ -64,11 +64,14 @@ def mean_over_seeds(per_seed: list[dict]) -> dict:
     out = {}
     for name in dict.fromkeys(n for costs in per_seed for n in costs):
         records = [costs[name] for costs in per_seed if name in costs]
-        merged = {k: v for k, v in records[0].items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
+        merged = {k: v for k, v in records[0].items() if isinstance(v, str)}
         for key in ("wall_seconds", "seconds_per_1000_samples", "n_samples"):
             values = [r[key] for r in records if key in r]
             if values:
                 merged[key] = round(sum(values) / len(values), 2)
+        parts = [r["parts_seconds"] for r in records if isinstance(r.get("parts_seconds"), dict)]
+        if parts:
+            merged["parts_seconds"] = {k: round(sum(p.get(k, 0.0) for p in parts) / len(parts), 2) for k in parts[0]}
         for key in ("peak_rss_mb", "cuda_peak_mb"):
             values = [r[key] for r in records if key in r]
             if values:

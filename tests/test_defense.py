@@ -62,7 +62,7 @@ def test_costs_and_flag_quality_over_seeds():
     seeds = mean_over_seeds([{"srd": {"kind": "cleanser", **made}}, {"srd": {"kind": "cleanser", **made, "wall_seconds": 45.0,
                                                                             "peak_rss_mb": 1500.0}}, {}])
     assert seeds["srd"]["wall_seconds"] == 40.0 and seeds["srd"]["peak_rss_mb"] == 1500.0 and seeds["srd"]["num_seeds"] == 2
-    assert seeds["srd"]["kind"] == "cleanser"
+    assert seeds["srd"]["kind"] == "cleanser" and seeds["srd"]["parts_seconds"] == {"policy": 30.0, "masks": 5.0}
     flags = mean_detection([{"srd": {"precision": 0.8, "recall": 1.0}, "f": None}, {"srd": {"precision": 0.6, "recall": 1.0}, "f": None}])
     assert set(flags) == {"srd"} and np.isclose(flags["srd"]["precision"], 0.7) and flags["srd"]["precision_values"] == [0.8, 0.6]
     assert np.isclose(flags["srd"]["precision_std"], np.std([0.8, 0.6], ddof=1)) and flags["srd"]["recall_std"] == 0.0
