@@ -27,7 +27,7 @@ def measure_cost(n_samples: int, record: dict):
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    record.setdefault("n_samples", int(n_samples))
+    record["n_samples"] = int(n_samples)
     start = time.perf_counter()
     try:
         yield record

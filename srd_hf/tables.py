@@ -76,18 +76,10 @@ def aggregate_seeds(per_seed: Sequence[dict]) -> dict:
 
 def mean_detection(per_seed: Sequence[dict]) -> dict:
     """Flag quality over seeds (evaluation only): per cleanser the mean, std and values of each
-    score, for the cleansers every seed measured."""
-    names = [n for n in (per_seed[0] if per_seed else {}) if all(isinstance(d.get(n), dict) for d in per_seed)]
-    out = {}
-    for name in names:
-        records = [d[name] for d in per_seed]
-        out[name] = {}
-        for key in records[0]:
-            values = [r.get(key) for r in records]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                out[name].update({key: float(np.mean(values)), f"{key}_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                                  f"{key}_values": values})
-    return out
+    score (``aggregate_seeds`` on the flag records), for the cleansers every seed measured."""
+    if not per_seed:
+        return {}
+    return aggregate_seeds([{"rows": {name: d for name, d in detection.items() if d}} for detection in per_seed])
 
 
 def _cell(row: dict, key: str, fmt: str, seeds: int) -> str:
