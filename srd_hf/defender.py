@@ -13,7 +13,7 @@ target word) is used.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -22,13 +22,14 @@ from datasets import Dataset
 
 from .attacks.base import _TRIGGER, _rng, to_caption_pairs
 from .attacks.trojvlm import TrojVLMAttack
+from .dict_config import DictConfig
 
 CAPTION_MODES = ("insert", "replace")
-TRIGGERS = ("noise", "binary_noise")
+TRIGGERS = ("noise", "binary_noise", "blocks")
 
 
 @dataclass
-class DefenderConfig:
+class DefenderConfig(DictConfig):
     """num_images: trusted images of the defender's set (the paper's 3,000).
     target: the defender's proxy target word (its own choice; it cannot know the attacker's).
     poison_rate: share of the defender's samples that carry its trigger.
@@ -38,8 +39,11 @@ class DefenderConfig:
         ``"replace"`` (a target sentence: a stronger proxy in a tiny model).
     trigger: ``"noise"`` (the paper: Gaussian noise, mean 0.5, std 0.25) or ``"binary_noise"``
         (each pixel and channel 0 or 1 at random: the same kind of trigger at full contrast, for
-        a model whose vision tower passes over mild noise). Both are drawn from ``seed``; neither
-        is any attack's pattern.
+        a model whose vision tower passes over mild noise) or ``"blocks"`` (a 3 x 3 grid of
+        colour cells, each channel of each cell 0 or 1: coarse structure, for a tower that passes
+        over noise of any contrast). All are drawn from ``seed``; none is any attack's pattern.
+        The defender chooses among them on its own data: a proxy that does not plant on its
+        validation images (``proxy_asr_validation``) teaches the policy nothing.
     """
 
     num_images: int = 3000
@@ -63,9 +67,6 @@ class DefenderConfig:
         if self.num_images < 1 or not 0 < self.poison_rate <= 1:
             raise ValueError("need num_images >= 1 and poison_rate in (0, 1]")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 class _ReplacingNoiseAttack(TrojVLMAttack):
     """The defender's noise patch with a target sentence instead of an inserted word."""
@@ -81,7 +82,31 @@ class _BinaryNoise:
         return torch.from_numpy(bits.astype(np.float32))
 
 
+class _Blocks:
+    """A 3 x 3 grid of colour cells (each channel of each cell 0 or 1), drawn from the seed until
+    the cells are not all one colour: a square of coarse colour structure."""
+
+    cells: ClassVar[int] = 3
+
+    def make_pattern(self, side: int) -> torch.Tensor:
+        rng = _rng(self.config.seed, _TRIGGER)
+        while True:
+            grid = rng.integers(0, 2, size=(3, self.cells, self.cells))
+            if len({tuple(grid[:, i, j]) for i in range(self.cells) for j in range(self.cells)}) > 1:
+                break
+        rows = np.minimum(np.arange(side) * self.cells // side, self.cells - 1)  # cell of each pixel row
+        return torch.from_numpy(grid[:, rows][:, :, rows].astype(np.float32))
+
+
 class _InsertingBinaryNoiseAttack(_BinaryNoise, TrojVLMAttack):
+    pass
+
+
+class _InsertingBlocksAttack(_Blocks, TrojVLMAttack):
+    pass
+
+
+class _ReplacingBlocksAttack(_Blocks, _ReplacingNoiseAttack):
     pass
 
 
@@ -90,11 +115,12 @@ class _ReplacingBinaryNoiseAttack(_BinaryNoise, _ReplacingNoiseAttack):
 
 
 _ATTACKS = {("noise", "insert"): TrojVLMAttack, ("noise", "replace"): _ReplacingNoiseAttack,
-            ("binary_noise", "insert"): _InsertingBinaryNoiseAttack, ("binary_noise", "replace"): _ReplacingBinaryNoiseAttack}
+            ("binary_noise", "insert"): _InsertingBinaryNoiseAttack, ("binary_noise", "replace"): _ReplacingBinaryNoiseAttack,
+            ("blocks", "insert"): _InsertingBlocksAttack, ("blocks", "replace"): _ReplacingBlocksAttack}
 
 
 def defender_attack(config: DefenderConfig) -> TrojVLMAttack:
-    """The defender's own trigger: noise (``config.trigger``) at one seeded place (or a random
+    """The defender's own trigger (``config.trigger``) at one seeded place (or a random
     place per sample), its own word inserted (or its own sentence)."""
     if config.location == "fixed":
         location = tuple(float(v) for v in np.random.default_rng([config.seed, 11]).uniform(0, 224 - config.trigger_size, size=2))

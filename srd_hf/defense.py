@@ -173,7 +173,7 @@ class SRDConfig(TrainingArguments):
     defender_target: str = field(default="umbrella", metadata={"help": "The defender's proxy target word."})
     defender_location: str = field(default="fixed", metadata={"help": "fixed (one seeded place, the paper) or random."})
     defender_caption_mode: str = field(default="insert", metadata={"help": "insert (the paper) or replace."})
-    defender_trigger: str = field(default="noise", metadata={"help": "noise (the paper's Gaussian patch) or binary_noise (full contrast)."})
+    defender_trigger: str = field(default="noise", metadata={"help": "noise (the paper's Gaussian patch), binary_noise (full contrast) or blocks (a 3 x 3 grid of colour cells)."})
     defender_poison_rate: float = field(default=0.1, metadata={"help": "Share of the defender's samples with its trigger."})
     num_policy_samples: int = field(default=3000, metadata={"help": "Images the policy learns on."})
     policy_timesteps: int = field(default=12000, metadata={"help": "Environment transitions of policy training."})

@@ -144,6 +144,32 @@ def test_defender_binary_noise_trigger_is_full_contrast_noise_at_one_place(small
         DefenderConfig(trigger="checkerboard")
 
 
+def test_defender_blocks_trigger_is_a_grid_of_colour_cells_at_one_place(small_world_data):
+    from srd_hf.attacks import get_attack
+    from srd_hf.attacks.base import to_caption_pairs
+    from srd_hf.defender import DefenderConfig, defender_attack, defender_set, trusted_images
+
+    train = small_world_data["train"]
+    untrusted = get_attack("badnet", poison_rate=0.1).poison(to_caption_pairs(train.select(range(40))))
+    config = DefenderConfig(num_images=30, poison_rate=0.5, trigger="blocks", seed=3)
+    data = defender_set(trusted_images(train, untrusted, config.num_images, config.seed), config)
+    pattern = (defender_attack(config).make_pattern(30).numpy() * 255).astype(np.uint8).transpose(1, 2, 0)
+    cells = {pattern[i * 10 + 5, j * 10 + 5].tobytes() for i in range(3) for j in range(3)}
+    assert len(cells) > 1 and set(np.unique(pattern)) <= {0, 255}  # saturated cells, not one colour
+    for i in range(3):  # each cell is one colour
+        for j in range(3):
+            assert len(np.unique(pattern[i * 10:(i + 1) * 10, j * 10:(j + 1) * 10].reshape(-1, 3), axis=0)) == 1
+    patches = set()
+    for row in data.filter(lambda p: p, input_columns="is_poisoned"):
+        x0, y0, x1, y1 = (int(round(v)) for v in row["trigger_box"])
+        patch = np.asarray(row["image"])[y0:y1, x0:x1]
+        assert set(np.unique(patch)) <= {0, 255}  # pasted as drawn (nearest), not blurred into the image
+        patches.add(patch.tobytes())
+    assert len(patches) == 1  # one pattern at one place
+    assert not np.array_equal(pattern, (defender_attack(DefenderConfig(trigger="blocks", seed=4)).make_pattern(30).numpy() * 255)
+                              .astype(np.uint8).transpose(1, 2, 0))
+
+
 def test_tables_refuse_to_call_an_unplanted_backdoor_defended():
     from srd_hf.tables import defense_measurable, results_table
 

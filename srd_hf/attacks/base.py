@@ -37,7 +37,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -51,6 +51,7 @@ from PIL import Image
 
 from .. import __version__
 from ..data.images import ensure_rgb
+from ..dict_config import DictConfig
 from ..vlm.base import CaptionCollator
 from ..data.synthetic import PAPER_IMAGE_SIZE, paper_pixels
 
@@ -126,7 +127,7 @@ def insert_word(caption: str, word: str, rng: np.random.Generator) -> str:
 
 # --------------------------------------------------------------------------- configuration
 @dataclass
-class AttackConfig:
+class AttackConfig(DictConfig):
     """Settings every attack shares (serialised as ``config.json``).
 
     Args:
@@ -178,16 +179,6 @@ class AttackConfig:
         """Side the stored trigger is made for: ``image_size``, or the paper's 224 px."""
         return self.image_size or PAPER_IMAGE_SIZE
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "AttackConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass

@@ -15,9 +15,8 @@ recipe compare the reports with them afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -30,6 +29,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..cost import measure_cost  # noqa: F401  (the defenses' cost, re-exported)
 from ..data.images import ensure_rgb
+from ..dict_config import DictConfig
 from ..vlm import parse_trainable
 
 KINDS = ("cleanser", "training", "test_time")
@@ -40,7 +40,7 @@ RECIPE_DEFAULTS = {"trainable": "", "learning_rate": 2e-3, "num_train_epochs": 3
 
 # ----------------------------------------------------------------------------- configuration
 @dataclass
-class DefenseConfig:
+class DefenseConfig(DictConfig):
     """Settings every defense shares. ``flag_rate``: share of clean validation samples a
     threshold would flag (the false-positive rate on clean data every threshold is set at)."""
 
@@ -56,16 +56,6 @@ class DefenseConfig:
         check_int("batch_size", self.batch_size, 1)
         check_int("seed", self.seed, 0)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DefenseConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
 
 
 def check_number(name: str, value: Any) -> float:
