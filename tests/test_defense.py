@@ -153,7 +153,10 @@ def test_defender_blocks_trigger_is_a_grid_of_colour_cells_at_one_place(small_wo
     untrusted = get_attack("badnet", poison_rate=0.1).poison(to_caption_pairs(train.select(range(40))))
     config = DefenderConfig(num_images=30, poison_rate=0.5, trigger="blocks", seed=3)
     data = defender_set(trusted_images(train, untrusted, config.num_images, config.seed), config)
-    pattern = (defender_attack(config).make_pattern(30).numpy() * 255).astype(np.uint8).transpose(1, 2, 0)
+    def drawn(cfg):  # the (30, 30, 3) uint8 pattern of a config
+        return (defender_attack(cfg).make_pattern(30).numpy() * 255).astype(np.uint8).transpose(1, 2, 0)
+
+    pattern = drawn(config)
     cells = {pattern[i * 10 + 5, j * 10 + 5].tobytes() for i in range(3) for j in range(3)}
     assert len(cells) > 1 and set(np.unique(pattern)) <= {0, 255}  # saturated cells, not one colour
     for i in range(3):  # each cell is one colour
@@ -166,8 +169,7 @@ def test_defender_blocks_trigger_is_a_grid_of_colour_cells_at_one_place(small_wo
         assert set(np.unique(patch)) <= {0, 255}  # pasted as drawn (nearest), not blurred into the image
         patches.add(patch.tobytes())
     assert len(patches) == 1  # one pattern at one place
-    assert not np.array_equal(pattern, (defender_attack(DefenderConfig(trigger="blocks", seed=4)).make_pattern(30).numpy() * 255)
-                              .astype(np.uint8).transpose(1, 2, 0))
+    assert not np.array_equal(pattern, drawn(DefenderConfig(trigger="blocks", seed=4)))
 
 
 def test_tables_refuse_to_call_an_unplanted_backdoor_defended():

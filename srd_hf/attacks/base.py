@@ -180,7 +180,6 @@ class AttackConfig(DictConfig):
         return self.image_size or PAPER_IMAGE_SIZE
 
 
-
 @dataclass
 class PatchAttackConfig(AttackConfig):
     """A square patch trigger.

@@ -57,7 +57,6 @@ class DefenseConfig(DictConfig):
         check_int("seed", self.seed, 0)
 
 
-
 def check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
