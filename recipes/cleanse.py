@@ -4,7 +4,7 @@
     python recipes/cleanse.py --attack badnet --poisoned_captions relabel
 
 Per protocol and seed: ``<output_dir>/seed-<s>/masked-<protocol>`` (every sample, a ``srd_masks``
-column) and ``cleansed-<protocol>`` (the samples whose victim caption the masks change are
+column) and ``cleansed-<protocol>`` (the samples whose victim caption the masks repair, ``--srd_flag``, are
 dropped or relabelled, ``--poisoned_captions``), with a report beside it. Trains a missing policy.
 """
 

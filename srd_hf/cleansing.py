@@ -1,9 +1,11 @@
 """What a data-cleansing defense does to the untrusted fine-tuning set before retraining, and
 the two baselines that isolate what SRD's learned masks add.
 
-- :func:`srd_cleanse`: the policy's red squares on every sample; samples whose victim
-  caption the masks change (the mask hid something the victim reacted to) lose their
-  caption: dropped (default) or relabelled with the trusted captioner's caption. Keeping
+- :func:`srd_cleanse`: the policy's red squares on every sample; the samples the masks
+  *repair* (the victim's caption moves towards the trusted captioner's once masked: the mask
+  hid what the victim reacted to; rule ``"repair"``, default) or merely *change* (rule
+  ``"change"``) lose their caption: dropped (default) or relabelled with the trusted
+  captioner's caption. Keeping
   them teaches a new shortcut: the poisoned captions stay, and the mask's place tells
   poisoned from clean samples (measured: 97.5% of unmasked clean test images captioned with
   the target sentence after retraining).
@@ -38,6 +40,13 @@ from .rl.actions import MASK_COLOUR
 logger = logging.getLogger(__name__)
 
 CAPTION_POLICIES = ("drop", "relabel", "keep")
+#: what flags a sample: "repair", the gain of the victim's agreement with the trusted captioner
+#: once masked (S - S0, the semantic term of the policy's reward), above all but ``flag_rate`` of
+#: clean validation images' gains; "change", the victim's masked caption agreeing with its
+#: unmasked one less than all but ``flag_rate`` of clean validation images'. "change" fails where
+#: the masks also move clean captions far (measured: BadNet, bottom-left trigger, 17% recall):
+#: its threshold then falls below the poisoned samples; "repair" asks where the move goes.
+FLAG_RULES = ("repair", "change")
 
 
 def clean_quantile(scores: Sequence[float], flag_rate: float) -> float:
@@ -115,38 +124,57 @@ def apply_caption_policy(dataset: Dataset, flagged: np.ndarray, policy: str, rel
 
 
 def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, validation_images: Sequence[Image.Image],
-                flag_rate: float, poisoned_captions: str = "drop", reference=None, max_new_tokens: int = 24, batch_size: int = 128,
-                progress: bool = False) -> tuple[Dataset, dict]:
-    """SRD's cleansed set and a report (threshold, counts).
+                flag_rate: float, poisoned_captions: str = "drop", reference=None, flag: str = "repair", max_new_tokens: int = 24,
+                batch_size: int = 128, progress: bool = False) -> tuple[Dataset, dict]:
+    """SRD's cleansed set and a report (thresholds, counts, the rows each rule flags).
 
     ``masked`` is ``untrusted`` with the policy's masks (``masker``, an
-    :class:`~srd_hf.masker.SRDMasker`, applied row by row). A sample is *flagged* when the
-    victim's caption of the masked image agrees with its caption of the unmasked image less
-    than all but ``flag_rate`` of clean validation images do under the same policy.
-    ``poisoned_captions`` says what happens to flagged samples; ``relabel`` uses
-    ``reference`` (the trusted captioner) on the masked image.
+    :class:`~srd_hf.masker.SRDMasker`, applied row by row). ``flag`` (see :data:`FLAG_RULES`)
+    says which samples are flagged; both rules are computed and reported (``flagged_rows_by_rule``)
+    so the evaluation can compare them on one run. ``poisoned_captions`` says what happens to
+    flagged samples; ``reference`` is the trusted captioner (the repair rule's yardstick, and
+    ``relabel``'s captions of the masked image).
     """
     if len(masked) != len(untrusted):
         raise ValueError(f"{len(masked)} masked samples for {len(untrusted)} untrusted ones")
-    masked_val, _ = masker.mask_images(list(validation_images))
-    val_before = unique_captions(victim, list(validation_images), max_new_tokens=max_new_tokens, batch_size=batch_size)
-    val_after = unique_captions(victim, masked_val, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    threshold = clean_quantile(caption_agreement(scorer, val_after, val_before), flag_rate)
+    if flag not in FLAG_RULES:
+        raise ValueError(f"flag must be one of {FLAG_RULES}, got {flag!r}")
+    if reference is None:
+        raise ValueError("srd_cleanse needs reference (the trusted captioner): the repair rule and relabel compare with it")
+    common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    val = list(validation_images)
+    masked_val, _ = masker.mask_images(val)
+    val_change, val_gain = _mask_effects(victim, reference, scorer, val, masked_val, **common)
+    # the repair threshold is the gain that all but flag_rate of clean validation images stay at or under
+    thresholds = {"change": clean_quantile(val_change, flag_rate), "repair": -clean_quantile(-val_gain, flag_rate)}
 
     images = [ensure_rgb(img) for img in untrusted["image"]]
     masked_images = [ensure_rgb(img) for img in masked["image"]]
-    common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    before = unique_captions(victim, images, **common)
-    after = unique_captions(victim, masked_images, **common)
-    flagged = caption_agreement(scorer, after, before) < threshold
-    relabels = unique_captions(reference, masked_images, **common) if poisoned_captions == "relabel" else None
+    change, gain = _mask_effects(victim, reference, scorer, images, masked_images, progress=progress, **common)
+    # repair: a gain above all but flag_rate of clean gains, and a gain at all (ties at 0 stay)
+    by_rule = {"change": change < thresholds["change"], "repair": (gain > thresholds["repair"]) & (gain > 0)}
+    flagged = by_rule[flag]
+    relabels = unique_captions(reference, masked_images, progress=progress, **common) if poisoned_captions == "relabel" else None
     flagged_set = masked.add_column("srd_flagged", [bool(f) for f in flagged])
     cleansed = apply_caption_policy(flagged_set, flagged, poisoned_captions, relabels)
-    report = {"flag_rate": flag_rate, "threshold": threshold, "n_samples": len(untrusted), "n_flagged": int(flagged.sum()),
-              "poisoned_captions": poisoned_captions, "n_kept": len(cleansed), "split_for_threshold": "validation",
-              "flagged_rows": np.flatnonzero(flagged).tolist()}
-    logger.info("SRD flagged %d of %d samples (mask-changed captions, threshold %.3f)", flagged.sum(), len(untrusted), threshold)
+    report = {"flag": flag, "flag_rate": flag_rate, "threshold": thresholds[flag], "thresholds": thresholds,
+              "n_samples": len(untrusted), "n_flagged": int(flagged.sum()), "poisoned_captions": poisoned_captions,
+              "n_kept": len(cleansed), "split_for_threshold": "validation", "flagged_rows": np.flatnonzero(flagged).tolist(),
+              "flagged_rows_by_rule": {rule: np.flatnonzero(f).tolist() for rule, f in by_rule.items()}}
+    logger.info("SRD flagged %d of %d samples (rule %s, threshold %.3f)", flagged.sum(), len(untrusted), flag, thresholds[flag])
     return cleansed, report
+
+
+def _mask_effects(victim, reference, scorer, images, masked_images, **common) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: how much the victim's caption stays the same under the masks (agreement of its
+    masked and unmasked captions), and how much closer to the trusted captioner's caption of the
+    unmasked image it gets (S - S0)."""
+    before = unique_captions(victim, images, **common)
+    after = unique_captions(victim, masked_images, **common)
+    trusted = unique_captions(reference, images, **common)
+    change = caption_agreement(scorer, after, before)
+    gain = caption_agreement(scorer, after, trusted) - caption_agreement(scorer, before, trusted)
+    return change, gain
 
 
 def random_masks(dataset: Dataset, like: Sequence[Sequence[Sequence[int]] | None], seed: int, masks_column: str = "srd_masks") -> Dataset:

@@ -54,7 +54,7 @@ from transformers.trainer_utils import SchedulerType
 from . import artifacts, fingerprints, tables
 from .attacks import load_attack
 from .attacks.base import Attack
-from .cleansing import CAPTION_POLICIES, disagreement_filter, random_masks, srd_cleanse, with_images
+from .cleansing import CAPTION_POLICIES, FLAG_RULES, disagreement_filter, random_masks, srd_cleanse, with_images
 from .cost import combine, mean_over_seeds, measure_cost
 from .data.images import ensure_rgb
 from .defenses.base import detection_scores
@@ -134,7 +134,10 @@ class SRDConfig(TrainingArguments):
     num_masks: masks the policy places per image when cleansing.
 
     > Cleansing
-    poisoned_captions: what happens to samples whose victim caption the policy's masks change:
+    srd_flag: which samples the masks flag: "repair" (default: the victim's caption moves
+        towards the trusted captioner's once masked) or "change" (it moves at all); see
+        ``srd_hf.cleansing.FLAG_RULES``. Both are reported; this one cleanses.
+    poisoned_captions: what happens to the flagged samples:
         "drop" (default), "relabel" (the clean model's caption of the masked image) or "keep"
         (the old behaviour: teaches the mask as a new trigger).
     flag_rate: share of clean validation images that would be flagged; sets the thresholds of
@@ -192,6 +195,7 @@ class SRDConfig(TrainingArguments):
     gamma: float = field(default=0.5, metadata={"help": "Discount (low: the first masks must do the job)."})
     num_masks: int = field(default=1, metadata={"help": "Masks per image when cleansing."})
     policy_seed: int = field(default=0, metadata={"help": "Seed of the policy's data, environment and training."})
+    srd_flag: str = field(default="repair", metadata={"help": "repair (masks move the victim's caption towards the trusted one) or change."})
     poisoned_captions: str = field(default="drop", metadata={"help": "drop, relabel or keep the samples the masks flag."})
     flag_rate: float = field(default=0.02, metadata={"help": "Share of clean validation images flagged: sets the thresholds."})
     baselines: str = field(default="disagreement_filter", metadata={"help": "Comma list: random_masks, disagreement_filter (the default leaves random masks out for time; the tables add it)."})
@@ -242,6 +246,8 @@ class SRDConfig(TrainingArguments):
             raise ValueError(f"retrain_from must be pre_attack, backdoored or both, got {self.retrain_from!r}")
         if self.retrain_recipe not in ("attack", "config"):
             raise ValueError(f"retrain_recipe must be 'attack' or 'config', got {self.retrain_recipe!r}")
+        if self.srd_flag not in FLAG_RULES:
+            raise ValueError(f"srd_flag must be one of {FLAG_RULES}, got {self.srd_flag!r}")
         if self.poisoned_captions not in CAPTION_POLICIES:
             raise ValueError(f"poisoned_captions must be one of {CAPTION_POLICIES}, got {self.poisoned_captions!r}")
         if self.eval_split not in ("test", "validation"):
@@ -555,7 +561,7 @@ def cleanse(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, policy: SRDPol
     masker = SRDMasker(policy, num_masks=cfg.num_masks)
     build = lambda: srd_cleanse(inputs.untrusted, masked, masker, inputs.victim, scorer.load(), validation_images=inputs.validation_images,  # noqa: E731
                                 flag_rate=cfg.flag_rate, poisoned_captions=cfg.poisoned_captions, reference=inputs.clean,
-                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
+                                flag=cfg.srd_flag, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
     fingerprint = fingerprints.cleansed(cfg, artifacts.recorded_hash(cfg.out / f"masked-{protocol}"), scorer)
     cleansed, report = dataset_stage(folder, fingerprint, build, f"{protocol} cleansed set")
     on_main(lambda: artifacts.write_json(report_file, report))  # beside it too, for reading
@@ -728,6 +734,9 @@ def run_one_seed(cfg: SRDConfig) -> dict:
             cfg.out / "disagreement-filter", fingerprints.disagreement(cfg, scorer), build, "disagreement filter")
         on_main(lambda: artifacts.write_json(cfg.out / "disagreement-filter.json", reports["disagreement filter"]))
     detection = {name: flag_quality(report.get("flagged_rows"), inputs.untrusted) for name, report in reports.items()}
+    for name, report in reports.items():  # SRD's rules side by side, whichever one cleansed
+        if detection.get(name) and "flagged_rows_by_rule" in report:
+            detection[name]["by_rule"] = {rule: flag_quality(rows, inputs.untrusted) for rule, rows in report["flagged_rows_by_rule"].items()}
     costs = cleanser_costs(cfg, policies, datasets, len(inputs.untrusted))
     lap("cleanse")
 
@@ -763,7 +772,7 @@ def run_one_seed(cfg: SRDConfig) -> dict:
                "algorithm": cfg.algorithm, "policy_data": cfg.protocols, "split": cfg.eval_split, "threshold_split": "validation", "num_test_images": len(main.test), "seed": cfg.seed,
                "attack_seed": cfg.attack_seed, "policy_seed": cfg.policy_seed, "retraining_recipe": recipe,
                "control_reuses_backdoored_model": control_reused,
-               "cleansing": {n: {k: v for k, v in r.items() if k != "flagged_rows"} for n, r in reports.items()},
+               "cleansing": {n: {k: v for k, v in r.items() if not k.startswith("flagged_rows")} for n, r in reports.items()},
                "detection": detection, "mechanism": mechanism, "costs": costs,
                "scorer": scorer_record(scorer), "rows": rows[main.name],
                "eval_sets": {s.name: {"num_test_images": len(s.test), "rows": rows[s.name],

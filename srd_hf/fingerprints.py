@@ -50,8 +50,8 @@ def masked(cfg, policy_hash: str | None) -> dict:
 
 
 def cleansed(cfg, masked_hash: str | None, scorer) -> dict:
-    return {"stage": "cleansed", "masked": masked_hash, "flag_rate": cfg.flag_rate, "poisoned_captions": cfg.poisoned_captions,
-            "scorer": scorer_names(scorer), "victim": source(cfg.backdoored_model), "reference": source(cfg.clean_model),
+    return {"stage": "cleansed", "masked": masked_hash, "flag_rate": cfg.flag_rate, "flag": cfg.srd_flag,
+            "poisoned_captions": cfg.poisoned_captions, "scorer": scorer_names(scorer), "victim": source(cfg.backdoored_model), "reference": source(cfg.clean_model),
             "max_new_tokens": cfg.max_new_tokens}
 
 

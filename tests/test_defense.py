@@ -9,6 +9,7 @@ import torch
 from datasets import load_from_disk
 
 from srd_hf.defense import SRDConfig, inject_config_for, results_table, run_pipeline
+from srd_hf.defenses.base import detection_scores
 from srd_hf.tables import MEASURABLE_ASR
 
 TINY_RUN = dict(num_policy_samples=24, policy_timesteps=64, num_envs=8, learning_starts=16, buffer_size=200,
@@ -34,7 +35,7 @@ def test_config_validation(tmp_path):
     assert SRDConfig(output_dir=str(tmp_path), seeds="0, 1,2").seed_list == [0, 1, 2]
     for bad, match in ((dict(policy_data="oracle"), "policy_data"), (dict(algorithm="a2c"), "algorithm"), (dict(sc_drop=2.0), "sc_drop"),
                        (dict(baselines="abl"), "baselines"), (dict(seeds="0,x"), "seeds"), (dict(seeds="1,1"), "seeds"),
-                       (dict(poisoned_captions="burn"), "poisoned_captions"), (dict(target=" "), "target"),
+                       (dict(poisoned_captions="burn"), "poisoned_captions"), (dict(srd_flag="burn"), "srd_flag"), (dict(target=" "), "target"),
                        (dict(retrain_recipe="mine"), "retrain_recipe"), (dict(defender_location="left"), "location"),
                        (dict(eval_split="train"), "eval_split")):
         with pytest.raises(ValueError, match=match):
@@ -231,18 +232,22 @@ def test_srd_cleanse_drops_what_the_masks_expose_and_retraining_learns_no_target
     masker = SRDMasker(policy, num_masks=1)
     masked = untrusted.map(masker, batched=True, batch_size=64)
     validation = [img.convert("RGB") for img in small_world_data["validation"]["image"]]
+    cfg = SRDConfig(**_paths(planted, tmp_path / "srd"), **TINY_RUN)
+    recipe = {"trainable": "flamingo.perceiver.,flamingo.lang_encoder.", "learning_rate": 5e-3, "num_train_epochs": 8,
+              "per_device_train_batch_size": 32, "warmup_steps": 5, "seed": 0, "lr_scheduler_type": "cosine"}
+    # the trusted captioner: the tiny clean model is untrained, so fit it on clean rows (the pipeline's is pretrained)
+    trusted = retrain(cfg, "pre_attack", untrusted.filter(lambda row: not row["is_poisoned"]), name="trusted", recipe=recipe)
     cleansed, report = srd_cleanse(untrusted, masked, masker, victim, sfs_scorer, validation_images=validation, flag_rate=0.05,
-                                   poisoned_captions="drop", max_new_tokens=8, batch_size=64)
+                                   poisoned_captions="drop", reference=trusted, max_new_tokens=8, batch_size=64)
     poisoned = np.asarray(untrusted["is_poisoned"])
     kept_poisoned = int(np.sum(cleansed["is_poisoned"]))
     precision = (poisoned.sum() - kept_poisoned) / max(report["n_flagged"], 1)
     recall = 1 - kept_poisoned / poisoned.sum()
     print(f"SRD flag: precision {precision:.2f}, recall {recall:.2f}, flagged {report['n_flagged']} of {len(untrusted)}")
+    for rule, rows in report["flagged_rows_by_rule"].items():  # both rules reported, whichever cleansed
+        print(f"  rule {rule}: {detection_scores(rows, poisoned)}")
     assert recall >= 0.8 and precision >= 0.6, report
     # retrained on what is left, the model says the target neither on clean nor on masked clean images
-    cfg = SRDConfig(**_paths(planted, tmp_path / "srd"), **TINY_RUN)
-    recipe = {"trainable": "flamingo.perceiver.,flamingo.lang_encoder.", "learning_rate": 5e-3, "num_train_epochs": 8,
-              "per_device_train_batch_size": 32, "warmup_steps": 5, "seed": 0, "lr_scheduler_type": "cosine"}
     test = small_world_data["test"].select(range(24))
     model = retrain(cfg, "pre_attack", cleansed, name="srd", recipe=recipe)
     refs = clean.generate_captions([i.convert("RGB") for i in test["image"]], max_new_tokens=8)

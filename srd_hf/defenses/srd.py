@@ -3,7 +3,7 @@
 the pipeline's own functions; nothing is reimplemented here.
 
 - ``srd``: a trained masking policy's masks on every sample; samples whose victim caption
-  the masks change are dropped or relabelled (:func:`srd_hf.cleansing.srd_cleanse`).
+  the masks repair (or change, ``flag``) are dropped or relabelled (:func:`srd_hf.cleansing.srd_cleanse`).
 - ``random_masks``: as many masks per sample as the policy placed, of the same sizes, at
   uniform places (:func:`srd_hf.cleansing.random_masks`): the masked set is the result.
 - ``disagreement_filter``: drop samples whose victim caption disagrees with the trusted
@@ -14,22 +14,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cleansing import CAPTION_POLICIES, disagreement_filter, random_masks, srd_cleanse
+from ..cleansing import CAPTION_POLICIES, FLAG_RULES, disagreement_filter, random_masks, srd_cleanse
 from .base import DataCleanser, DefenseConfig, check_choice, check_int, measure_cost
 
 
 @dataclass
 class SRDCleanserConfig(DefenseConfig):
     """policy: folder or Hub id of a trained SRD policy. num_masks: masks per sample (0: the
-    policy's own). poisoned_captions: drop, relabel or keep the flagged samples."""
+    policy's own). flag: "repair" or "change" (``srd_hf.cleansing.FLAG_RULES``).
+    poisoned_captions: drop, relabel or keep the flagged samples."""
 
     policy: str = ""
     num_masks: int = 0
+    flag: str = "repair"
     poisoned_captions: str = "drop"
 
     def __post_init__(self):
         super().__post_init__()
         check_int("num_masks", self.num_masks, 0)
+        check_choice("flag", self.flag, FLAG_RULES)
         check_choice("poisoned_captions", self.poisoned_captions, CAPTION_POLICIES)
 
 
@@ -48,7 +51,7 @@ class SRDCleanser(DataCleanser):
     name = "srd"
     config_class = SRDCleanserConfig
     card_template = "defense_srd.md"
-    summary = "SRD: learned masks; drop the samples whose victim caption the masks change"
+    summary = "SRD: learned masks; drop the samples whose victim caption the masks repair"
 
     def __init__(self, config=None, *, policy=None, **overrides):
         super().__init__(config, **overrides)
@@ -57,8 +60,8 @@ class SRDCleanser(DataCleanser):
     def cleanse(self, untrusted, *, victim=None, reference=None, scorer=None, validation_images=(), validation_captions=None,
                 trusted=None, recipe=None, output_dir=None, progress=False):
         cfg = self.config
-        if victim is None or scorer is None or not validation_images:
-            raise ValueError("SRD needs victim, scorer and validation_images")
+        if victim is None or reference is None or scorer is None or not validation_images:
+            raise ValueError("SRD needs victim, reference, scorer and validation_images")
         masker = _masker(cfg, self.policy)
         cost: dict = {}
         with measure_cost(len(untrusted), cost):
@@ -66,7 +69,7 @@ class SRDCleanser(DataCleanser):
             masked = marked.map(masker, batched=True, batch_size=256, desc="masking (SRD)")
             cleansed, report = srd_cleanse(marked, masked, masker, victim, scorer, validation_images=list(validation_images),
                                            flag_rate=cfg.flag_rate, poisoned_captions=cfg.poisoned_captions, reference=reference,
-                                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
+                                           flag=cfg.flag, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
         kept = dict(zip(cleansed["_row"], cleansed["srd_flagged"]))
         report.update(defense=self.name, config=cfg.to_dict(), cost=cost,
                       flagged_indices=[i for i in range(len(untrusted)) if kept.get(i, True)])
