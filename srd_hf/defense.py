@@ -734,9 +734,9 @@ def run_one_seed(cfg: SRDConfig) -> dict:
             cfg.out / "disagreement-filter", fingerprints.disagreement(cfg, scorer), build, "disagreement filter")
         on_main(lambda: artifacts.write_json(cfg.out / "disagreement-filter.json", reports["disagreement filter"]))
     detection = {name: flag_quality(report.get("flagged_rows"), inputs.untrusted) for name, report in reports.items()}
-    for name, report in reports.items():  # SRD's rules side by side, whichever one cleansed
-        if detection.get(name) and "flagged_rows_by_rule" in report:
-            detection[name]["by_rule"] = {rule: flag_quality(rows, inputs.untrusted) for rule, rows in report["flagged_rows_by_rule"].items()}
+    for name, report in list(reports.items()):  # SRD's flag rules side by side, whichever one cleansed
+        for rule, flagged_rows in (report.get("flagged_rows_by_rule") or {}).items():
+            detection[f"{name}, {rule} rule" + (" (cleansed)" if rule == report.get("flag") else "")] = flag_quality(flagged_rows, inputs.untrusted)
     costs = cleanser_costs(cfg, policies, datasets, len(inputs.untrusted))
     lap("cleanse")
 

@@ -281,6 +281,7 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
     for name in ("srd (untrusted policy)", "srd (defender policy)", "disagreement filter"):  # evaluation reads is_poisoned
         quality = results["detection"][name]
         assert 0 <= quality["precision"] <= 1 and 0 <= quality["recall"] <= 1 and quality["n_poisoned"] == 60, name
+    assert {"srd (untrusted policy), repair rule (cleansed)", "srd (untrusted policy), change rule"} <= set(results["detection"])
     seed_dir = out / "seed-0"
     for path in ("policy-untrusted/config.json", "policy-defender/model.safetensors", "cleansed-untrusted/dataset_info.json",
                  "masked-defender/dataset_info.json", "random-masks/dataset_info.json", "disagreement-filter/dataset_info.json",
