@@ -4,17 +4,20 @@ the cost of each defense; on the test split and on every extra test set.
 
     python recipes/defend.py --defense abl --attack badnet
     python recipes/defend.py --defense all --attack badnet          # ABL, VDC, CT, attention pruning + SRD's rows
+    python recipes/defend.py --defense all --attack badnet --seeds 0,1,2   # each seed's backdoor, mean ± std
     python recipes/defend.py --defense vdc --attack badnet --defense_options '{"answer": "likelihood"}'
     python recipes/defend.py --config recipes/configs/defend_ct.yaml
 
 A data cleanser's kept samples are retrained with ``srd_hf.defense.retrain`` (the recipe that
 planted the backdoor, from the pre-attack model); a training-time defense trains the model
-itself; a test-time defense wraps the backdoored model. Each defense writes
-``<output_dir>/<defense>/results.json`` (its rows, its report with its cost, and, for
+itself; a test-time defense wraps the backdoored model. Each seed (``--seeds``, default the
+attack seed: the seed's poisoned subset and backdoor, its retrainings and each defense's own
+draws) runs in ``<output_dir>/seed-<s>/``, where each defense writes
+``<output_dir>/seed-<s>/<defense>/results.json`` (its rows, its report with its cost, and, for
 evaluation only, detection precision and recall against the poisoned set's ground truth) and a
-card, and is reused when run again with the same settings; the table of all of them is
-``<output_dir>/results.json``. SRD's rows come from ``--srd_results`` (default: the SRD
-pipeline's results of the same backdoor, when it ran: ``recipes/retrain.py``).
+card, and is reused when run again with the same settings; the table of all of them over seeds
+is ``<output_dir>/results.json``. SRD's rows come from ``--srd_results`` (default: the SRD
+pipeline's results of the same backdoor, when it ran: ``recipes/retrain.py``), seed by seed.
 """
 
 import copy
@@ -27,8 +30,8 @@ from trl import TrlParser
 
 from srd_hf import artifacts, fingerprints, tables
 from srd_hf.defender import trusted_images
-from srd_hf.defense import (ScoredSet, SRDConfig, command_line, control_reuses_backdoor, load_inputs, retrain, retraining_recipe,
-                            scorer_record)
+from srd_hf.defense import (ScoredSet, SRDConfig, combine_seeds, command_line, control_reuses_backdoor, load_inputs, retrain,
+                            retraining_recipe, scorer_record)
 from srd_hf.defenses import defense_from_dict, detection_scores, render_defense_card
 from srd_hf.distributed import on_main
 from srd_hf.stages import pipeline_scorer
@@ -77,7 +80,9 @@ class DefendConfig(SRDConfig):
             raise ValueError(f"defense must be a comma list of distinct defenses, got {self.defense!r}")
         return names
 
-    def make_defenses(self) -> list:
+    def make_defenses(self, seed: int | None = None) -> list:
+        """The defenses with their configs; ``seed`` seeds each one's own draws unless its
+        options name a seed."""
         options = json.loads(self.defense_options) if self.defense_options.strip() else {}
         if not isinstance(options, dict):
             raise ValueError(f"defense_options must be a JSON object, got {self.defense_options!r}")
@@ -85,7 +90,9 @@ class DefendConfig(SRDConfig):
         keyed = bool(options) and all(k in names for k in options) and all(isinstance(v, dict) for v in options.values())
         if len(names) > 1 and options and not keyed:
             raise ValueError(f"with several defenses, defense_options must be keyed by defense name ({names}), got {sorted(options)}")
-        return [defense_from_dict(n, options.get(n, {}) if keyed else options) for n in names]
+        chosen = {n: dict(options.get(n, {}) if keyed else options) for n in names}
+        return [defense_from_dict(n, {"seed": seed, **opts} if seed is not None and "seed" not in opts else opts)
+                for n, opts in chosen.items()]
 
     def srd_results_path(self) -> Path | None:
         if self.srd_results.strip().lower() == "none":
@@ -160,6 +167,7 @@ def _results(cfg: DefendConfig, sets: list, rows: dict, recipe: dict, scorer, **
             row.update(tables.row_intervals(row, seed=cfg.seed))
     return {"attack": cfg.attack, "poison_rate": cfg.poison_rate, "target": cfg.target, "attack_options": cfg.attack_options,
             "split": "test", "threshold_split": "validation", "num_test_images": len(main.test), "seed": cfg.seed,
+            "attack_seed": cfg.attack_seed,
             "retraining_recipe": recipe, "scorer": scorer_record(scorer), "rows": rows[main.name],
             "eval_sets": {s.name: {"num_test_images": len(s.test), "rows": rows[s.name],
                                    "defense_measurable": tables.defense_measurable(rows[s.name])} for s in others},
@@ -176,11 +184,12 @@ def srd_rows(cfg: DefendConfig, sets: list) -> tuple[dict, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no SRD results at {path}: run recipes/retrain.py on this backdoor first, or pass --srd_results none")
     srd = json.loads(path.read_text())
-    same = (srd.get("attack") == cfg.attack and srd.get("num_test_images") == len(sets[0].test) and srd.get("split") == "test"
+    same = (srd.get("attack") == cfg.attack and srd.get("attack_seed", cfg.attack_seed) == cfg.attack_seed
+            and srd.get("num_test_images") == len(sets[0].test) and srd.get("split") == "test"
             and srd.get("target", cfg.target) == cfg.target and srd.get("attack_options", cfg.attack_options) == cfg.attack_options)
     if not same:
-        raise ValueError(f"{path} scored another backdoor or other test images (attack {srd.get('attack')}, "
-                         f"{srd.get('num_test_images')} test images): pass the SRD results of this backdoor")
+        raise ValueError(f"{path} scored another backdoor or other test images (attack {srd.get('attack')}, seed "
+                         f"{srd.get('attack_seed')}, {srd.get('num_test_images')} test images): pass the SRD results of this backdoor")
     by_set = {sets[0].name: srd["rows"], **{n: s["rows"] for n, s in (srd.get("eval_sets") or {}).items()}}
     rows = {s.name: {n: r for n, r in by_set.get(s.name, {}).items() if n.startswith("SRD-")} for s in sets}
     costs = {name: {**cost, "source": str(path)} for name, cost in (srd.get("costs") or {}).items() if name.startswith("SRD-")}
@@ -189,11 +198,30 @@ def srd_rows(cfg: DefendConfig, sets: list) -> tuple[dict, dict]:
     return rows, costs
 
 
-def run(cfg: DefendConfig, scorer=None) -> dict:
-    defenses = cfg.make_defenses()
+def srd_results_by_seed(cfg: DefendConfig) -> dict:
+    """Seed -> SRD's results of that seed (its pipeline writes one file per seed and their table
+    over seeds); {} when SRD's rows are left out. Every seed asked for must be there."""
+    path = cfg.srd_results_path()
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise FileNotFoundError(f"no SRD results at {path}: run recipes/retrain.py on this backdoor first, or pass --srd_results none")
+    srd = json.loads(path.read_text())
+    seeds = srd.get("seeds") or [srd.get("attack_seed", cfg.attack_seed)]
+    by_seed = dict(zip(seeds, srd["per_seed"])) if len(seeds) > 1 else {seeds[0]: str(path)}
+    missing = [s for s in cfg.seed_list if s not in by_seed]
+    if missing:
+        raise ValueError(f"{path} has SRD's results for seeds {seeds}, not {missing}: run recipes/retrain.py --seeds "
+                         f"{','.join(map(str, cfg.seed_list))} on this backdoor, or pass --srd_results none")
+    return by_seed
+
+
+def run_one_seed(cfg: DefendConfig, scorer) -> dict:
+    """Every defense on one seed's backdoor (that seed's poisoned subset; its retrainings and
+    the defenses' own draws seeded by it): ``<output_dir>/results.json``."""
+    defenses = cfg.make_defenses(seed=cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
     inputs = load_inputs(cfg)
-    scorer = scorer or pipeline_scorer(cfg.sfs_encoder, cfg.sfs_fluency_lm).load()
     recipe = retraining_recipe(cfg, inputs.victim)
     sets = [ScoredSet.build("test", inputs.world["test"], inputs.attack, cfg.num_test_images),
             *(ScoredSet.build(n, d, inputs.attack, cfg.num_test_images) for n, d in inputs.eval_sets.items())]
@@ -227,6 +255,25 @@ def run(cfg: DefendConfig, scorer=None) -> dict:
     detection = {name: res["detection"] for name, res in per_defense.items() if res.get("detection")}
     results = _results(cfg, sets, rows, recipe, scorer, defenses=list(per_defense), costs=costs, detection=detection,
                        per_defense={n: str(cfg.out / n / "results.json") for n in per_defense}, command=command_line())
+    on_main(lambda: artifacts.write_json(cfg.out / "results.json", results))
+    return results
+
+
+def run(cfg: DefendConfig, scorer=None) -> dict:
+    """Every seed of ``--seeds`` (``<output_dir>/seed-<s>/``, each resumable), then the table over
+    seeds in ``<output_dir>/results.json``; SRD's rows are its own results of the same seeds."""
+    seeds = cfg.seed_list
+    cfg.make_defenses()  # bad options fail before any work
+    srd_by_seed = srd_results_by_seed(cfg)
+    scorer = scorer or pipeline_scorer(cfg.sfs_encoder, cfg.sfs_fluency_lm).load()
+    per_seed = []
+    for seed in seeds:
+        seed_cfg = cfg.for_seed(seed)
+        seed_cfg.srd_results = str(srd_by_seed[seed]) if srd_by_seed else "none"
+        per_seed.append(run_one_seed(seed_cfg, scorer))
+    results = combine_seeds(per_seed, seeds, [str(cfg.out / f"seed-{s}" / "results.json") for s in seeds])
+    results.update(per_defense={n: [str(cfg.out / f"seed-{s}" / n / "results.json") for s in seeds] for n in per_seed[0]["defenses"]},
+                   command=command_line())
     on_main(lambda: artifacts.write_json(cfg.out / "results.json", results))
     return results
 

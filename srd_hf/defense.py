@@ -847,6 +847,29 @@ def command_line() -> str | None:
     return " ".join(["python", *(shlex.quote(a) for a in sys.argv)])
 
 
+def combine_seeds(per_seed: list[dict], seeds: list[int], paths: list[str]) -> dict:
+    """One results record from every seed's (``paths``: where each is): rows, extra test sets,
+    detection and costs as mean ± std over seeds; a single seed's record as it is."""
+    if len(per_seed) == 1:
+        return {**per_seed[0], "seeds": seeds}
+    results = {k: v for k, v in per_seed[0].items() if k not in ("rows", "stage_seconds", "seed", "attack_seed", "policy_seed",
+                                                                  "cleansing", "mechanism", "detection", "eval_sets",
+                                                                  "proxy_asr_validation", "costs", "fingerprint", "report")}
+    results["costs"] = mean_over_seeds([r.get("costs") or {} for r in per_seed])
+    results["detection"] = tables.mean_detection([r.get("detection") or {} for r in per_seed])
+    if "proxy_asr_validation" in per_seed[0]:
+        results["proxy_asr_validation"] = float(np.mean([r["proxy_asr_validation"] for r in per_seed]))
+    names = [n for n in per_seed[0].get("eval_sets", {}) if all(n in r.get("eval_sets", {}) for r in per_seed)]
+    eval_sets = {n: [r["eval_sets"][n] for r in per_seed] for n in names}
+    results["eval_sets"] = {n: {"num_test_images": sets[0]["num_test_images"], "rows": tables.aggregate_seeds(sets),
+                                "defense_measurable": all(s["defense_measurable"] for s in sets)} for n, sets in eval_sets.items()}
+    results.update(seeds=seeds, rows=tables.aggregate_seeds(per_seed), per_seed=paths,
+                   defense_measurable=all(r["defense_measurable"] for r in per_seed))
+    if all("stage_seconds" in r for r in per_seed):
+        results["stage_seconds"] = {k: sum(r["stage_seconds"].get(k, 0) for r in per_seed) for k in per_seed[0]["stage_seconds"]}
+    return results
+
+
 def run_pipeline(cfg: SRDConfig) -> dict:
     """Every seed of ``cfg.seeds`` (each resumable), then the table over seeds in
     ``<output_dir>/results.json``."""
@@ -854,23 +877,7 @@ def run_pipeline(cfg: SRDConfig) -> dict:
     if cfg.overwrite_output_dir:
         overwrite(cfg.out, DEFENSE_LAYOUT)
     per_seed = [run_one_seed(cfg.for_seed(s)) for s in seeds]
-    if len(per_seed) == 1:
-        results = {**per_seed[0], "seeds": seeds}
-    else:
-        results = {k: v for k, v in per_seed[0].items() if k not in ("rows", "stage_seconds", "seed", "attack_seed", "policy_seed",
-                                                                      "cleansing", "mechanism", "detection", "eval_sets",
-                                                                      "proxy_asr_validation", "costs")}
-        results["costs"] = mean_over_seeds([r.get("costs") or {} for r in per_seed])
-        results["detection"] = tables.mean_detection([r.get("detection") or {} for r in per_seed])
-        if "proxy_asr_validation" in per_seed[0]:
-            results["proxy_asr_validation"] = float(np.mean([r["proxy_asr_validation"] for r in per_seed]))
-        names = [n for n in per_seed[0].get("eval_sets", {}) if all(n in r.get("eval_sets", {}) for r in per_seed)]
-        eval_sets = {n: [r["eval_sets"][n] for r in per_seed] for n in names}
-        results["eval_sets"] = {n: {"num_test_images": sets[0]["num_test_images"], "rows": tables.aggregate_seeds(sets),
-                                    "defense_measurable": all(s["defense_measurable"] for s in sets)} for n, sets in eval_sets.items()}
-        results.update(seeds=seeds, rows=tables.aggregate_seeds(per_seed), per_seed=[str(cfg.out / f"seed-{s}" / cfg.results_file) for s in seeds],
-                       defense_measurable=all(r["defense_measurable"] for r in per_seed),
-                       stage_seconds={k: sum(r["stage_seconds"].get(k, 0) for r in per_seed) for k in per_seed[0]["stage_seconds"]})
+    results = combine_seeds(per_seed, seeds, [str(cfg.out / f"seed-{s}" / cfg.results_file) for s in seeds])
     results["command"] = command_line()
     on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))
     if not results["defense_measurable"]:

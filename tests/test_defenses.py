@@ -5,6 +5,7 @@ printed), pruning leaves clean captions alone, configs round-trip and bad values
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,10 +291,11 @@ def test_defend_recipe_one_table_with_srd_rows(planted, sfs_scorer, tmp_path, ca
     assert control == "control (unmasked untrusted set)"  # retrain_recipe=config: not the inject run, so retrained
     shifted = results["eval_sets"]["embedded-shifted"]["rows"]
     assert shifted.keys() == rows.keys() and all("asr" in r for r in shifted.values())
-    for name in ("vdc", "attention_pruning"):
-        saved = json.loads((tmp_path / "defend" / name / "results.json").read_text())
+    for name in ("vdc", "attention_pruning"):  # one seed (0): its folder holds each defense's results and card
+        saved = json.loads((tmp_path / "defend" / "seed-0" / name / "results.json").read_text())
         assert saved["rows"][name]["cider"] == rows[name]["cider"] and saved["kind"] in ("cleanser", "test_time")
-        assert (tmp_path / "defend" / name / "README.md").read_text().count("| no defense |") == 1
+        assert saved["defense_config"]["seed"] == 0 and saved["attack_seed"] == 0
+        assert (tmp_path / "defend" / "seed-0" / name / "README.md").read_text().count("| no defense |") == 1
         assert results["costs"][name]["seconds_per_1000_samples"] > 0
     assert results["detection"]["vdc"]["n_flagged"] >= 0
     srd_cost = results["costs"]["SRD-dqn (untrusted policy)"]  # what its pipeline recorded making policy, masks and flag
@@ -301,9 +303,22 @@ def test_defend_recipe_one_table_with_srd_rows(planted, sfs_scorer, tmp_path, ca
     out = capsys.readouterr().out
     assert "| vdc |" in out and "| attention_pruning |" in out and "embedded-shifted" in out and "s per 1,000 samples" in out
     assert json.loads((tmp_path / "defend" / "results.json").read_text())["rows"].keys() == rows.keys()
-    stamp = (tmp_path / "defend" / "vdc" / "results.json").stat().st_mtime
+    stamp = (tmp_path / "defend" / "seed-0" / "vdc" / "results.json").stat().st_mtime
     again = recipe.run(cfg, scorer=sfs_scorer)
-    assert (tmp_path / "defend" / "vdc" / "results.json").stat().st_mtime == stamp and again["rows"]["vdc"] == rows["vdc"]
+    assert (tmp_path / "defend" / "seed-0" / "vdc" / "results.json").stat().st_mtime == stamp and again["rows"]["vdc"] == rows["vdc"]
+    # seeds: SRD's results must cover every seed asked for (checked before any work) ...
+    two = dict(**paths, **common, defense="attention_pruning", defense_options='{"max_new_tokens": 8}', seeds="0,1")
+    with pytest.raises(ValueError, match=r"seeds \[0\], not \[1\]"):
+        recipe.run(recipe.DefendConfig(**two, output_dir=str(tmp_path / "d3"), srd_results=str(tmp_path / "srd" / "results.json")),
+                   scorer=sfs_scorer)
+    assert not (tmp_path / "d3").exists()
+    # ... and each seed runs in its own folder, the table is mean ± std over them
+    over_seeds = recipe.run(recipe.DefendConfig(**two, output_dir=str(tmp_path / "d3"), srd_results="none"), scorer=sfs_scorer)
+    assert over_seeds["seeds"] == [0, 1] and len(over_seeds["rows"]["attention_pruning"]["asr_values"]) == 2
+    assert over_seeds["per_defense"]["attention_pruning"] == [str(tmp_path / "d3" / f"seed-{s}" / "attention_pruning" / "results.json")
+                                                              for s in (0, 1)]
+    assert [json.loads(Path(p).read_text())["defense_config"]["seed"] for p in over_seeds["per_defense"]["attention_pruning"]] == [0, 1]
+    assert "asr_std" in over_seeds["eval_sets"]["embedded-shifted"]["rows"]["attention_pruning"]
     with pytest.raises(ValueError, match="another backdoor"):
         recipe.run(recipe.DefendConfig(**{**paths, "target": "apple"}, **common, defense="vdc", output_dir=str(tmp_path / "d2"),
                                        srd_results=str(tmp_path / "srd" / "results.json")), scorer=sfs_scorer)
