@@ -282,6 +282,8 @@ def main(config: DefendConfig, scorer=None) -> dict:
     results = run(config, scorer)
     print(f"\n{', '.join(results['defenses'])} against {config.attack} at {config.poison_rate:g} "
           f"({results['num_test_images']} test images; ASR on the same images with the trigger)\n")
+    for seed, left in (results.get("seeds_not_measurable") or {}).items():
+        print(f"seed {seed} left out: its control reached ASR {left['control_asr']:.1f}% (the backdoor did not plant)\n")
     if not results["defense_measurable"]:
         print(tables.not_measurable_message(results) + "\n")
     print(tables.results_table(results))

@@ -47,6 +47,9 @@ def section(path: Path) -> str:
                  f"thresholds from {results.get('threshold_split', 'validation')}; "
                  + (f"seeds {','.join(map(str, seeds))} (mean ± std)." if len(seeds) > 1 else f"one seed ({seeds[0]})."))
     lines.append("")
+    for seed, left in (results.get("seeds_not_measurable") or {}).items():
+        lines += [f"**Seed {seed} is left out of this table**: its control reached ASR {_fmt(left.get('control_asr'), 1)}% "
+                  f"< 50%, so the backdoor did not plant and its rows say nothing about a defense (`{left.get('results')}`).", ""]
     if results.get("defense_measurable", True):
         lines.append("The control planted the backdoor (ASR >= 50%): the defense rows are measurable.")
     else:

@@ -849,7 +849,18 @@ def command_line() -> str | None:
 
 def combine_seeds(per_seed: list[dict], seeds: list[int], paths: list[str]) -> dict:
     """One results record from every seed's (``paths``: where each is): rows, extra test sets,
-    detection and costs as mean ± std over seeds; a single seed's record as it is."""
+    detection and costs as mean ± std over seeds; a single seed's record as it is.
+
+    A seed whose control did not plant the backdoor says nothing about a defense: when others
+    did, the table is over the seeds that planted, and the others are listed with their
+    control's ASR under ``seeds_not_measurable`` (all of them planting nothing: not measurable)."""
+    planted = [r["defense_measurable"] for r in per_seed]
+    if any(planted) and not all(planted):
+        left_out = {s: {"control_asr": next((row.get("asr") for n, row in r["rows"].items() if n.startswith("control")), None),
+                        "results": p} for s, r, p, ok in zip(seeds, per_seed, paths, planted) if not ok}
+        kept = [(s, r, p) for s, r, p, ok in zip(seeds, per_seed, paths, planted) if ok]
+        results = combine_seeds([r for _, r, _ in kept], [s for s, _, _ in kept], [p for _, _, p in kept])
+        return {**results, "seeds_run": seeds, "seeds_not_measurable": left_out, "per_seed": paths}
     if len(per_seed) == 1:
         return {**per_seed[0], "seeds": seeds}
     results = {k: v for k, v in per_seed[0].items() if k not in ("rows", "stage_seconds", "seed", "attack_seed", "policy_seed",

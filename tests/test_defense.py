@@ -194,6 +194,25 @@ def test_tables_refuse_to_call_an_unplanted_backdoor_defended():
     assert "proxy" not in results_table({"rows": rows, "proxy_asr_validation": 75.0})
 
 
+def test_seeds_whose_backdoor_did_not_plant_are_left_out_of_the_table_and_named():
+    from srd_hf.defense import combine_seeds
+
+    def seed_record(control_asr, srd_asr):
+        rows = {"no defense": {"asr": control_asr}, "control (= no defense)": {"asr": control_asr}, "SRD-dqn (untrusted policy)": {"asr": srd_asr}}
+        return {"rows": rows, "defense_measurable": control_asr >= MEASURABLE_ASR, "stage_seconds": {"policy": 1.0}}
+
+    paths = ["s0.json", "s1.json", "s2.json"]
+    results = combine_seeds([seed_record(100.0, 0.0), seed_record(0.0, 0.0), seed_record(90.0, 10.0)], [0, 1, 2], paths)
+    assert results["seeds"] == [0, 2] and results["seeds_run"] == [0, 1, 2] and results["per_seed"] == paths
+    assert results["seeds_not_measurable"] == {1: {"control_asr": 0.0, "results": "s1.json"}}
+    assert results["defense_measurable"] and results["rows"]["SRD-dqn (untrusted policy)"]["asr_values"] == [0.0, 10.0]
+    # one planted seed left: its own record; none planted: not measurable over all of them
+    one = combine_seeds([seed_record(0.0, 0.0), seed_record(95.0, 1.0)], [0, 1], paths[:2])
+    assert one["seeds"] == [1] and one["rows"]["SRD-dqn (untrusted policy)"]["asr"] == 1.0 and 0 in one["seeds_not_measurable"]
+    none = combine_seeds([seed_record(0.0, 0.0), seed_record(10.0, 0.0)], [0, 1], paths[:2])
+    assert none["seeds"] == [0, 1] and not none["defense_measurable"] and "seeds_not_measurable" not in none
+
+
 def test_bootstrap_interval_covers_the_mean_and_skips_exclusions():
     from srd_hf.tables import bootstrap_interval
 
