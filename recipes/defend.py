@@ -136,7 +136,8 @@ def run_defense(defense, cfg: DefendConfig, inputs, sets: list, scorer, recipe: 
                                        **validation_set, recipe=recipe, output_dir=folder / "work", progress=True)
         model = retrain(cfg, "pre_attack", kept, name=defense.name, recipe=recipe)
     else:
-        model = defense.train(inputs.untrusted, start_model_path=cfg.clean_model, recipe=recipe, output_dir=folder / "train")
+        model = defense.train(inputs.untrusted, start_model_path=cfg.clean_model, recipe=recipe, output_dir=folder / "train",
+                              validation_images=[p[0] for p in pairs], validation_captions=[p[1] for p in pairs])
         report = defense.report
     rows = {s.name: {**copy.deepcopy(reference_rows[s.name]), defense.name: s.score(cfg, scorer, model)} for s in sets}
     cost = dict(report.get("cost", {}))

@@ -143,18 +143,36 @@ def test_ct_flags_what_the_confused_model_still_fits(planted, small_world_data, 
 
 
 def test_abl_isolates_the_poison_and_trains_a_model(planted, tmp_path):
+    """From scratch (the session's start model is untrained), as in the paper, with its fixed gamma."""
     untrusted = planted["untrusted"]
-    abl = get_defense("abl", isolation_rate=0.1, isolation_epochs=2.0, unlearn_steps=3)
+    abl = get_defense("abl", gamma=0.5, isolation_rate=0.1, isolation_epochs=2.0, unlearn_steps=3)
     model = abl.train(untrusted, start_model_path=str(planted["root"] / "clean"), recipe={**RECIPE, "num_train_epochs": 2},
                       output_dir=tmp_path)
     report = abl.report
-    assert report["n_isolated"] == len(report["isolated_indices"]) == 24
+    assert report["n_isolated"] == len(report["isolated_indices"]) == 24 and report["gamma"] == 0.5
     scores = _detected("ABL isolation", report["isolated_indices"], untrusted)
     assert scores["precision"] >= 0.5
     _check_cost(report["cost"])
     assert model.config.extra["defense"]["n_isolated"] == 24
     captions = model.generate_captions(planted["validation_images"][:4], max_new_tokens=8)
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
+
+
+def test_abl_sets_gamma_on_validation_when_fine_tuning_a_trained_captioner(planted, tmp_path):
+    """A trained start model (the trusted captioner): its clean captions already sit below the
+    paper's gamma, so gamma comes from clean validation pairs, under their loss median, and the
+    isolated samples are still mostly poison."""
+    untrusted = planted["untrusted"]
+    planted["trusted"].save_pretrained(tmp_path / "trained-start")
+    abl = get_defense("abl", isolation_rate=0.1, isolation_epochs=2.0, unlearn_steps=0, flag_rate=0.05)
+    abl.train(untrusted, start_model_path=str(tmp_path / "trained-start"), recipe={**RECIPE, "num_train_epochs": 1},
+              output_dir=tmp_path / "abl", **planted["pairs"])
+    report = abl.report
+    assert report["gamma_split"] == "validation" and 0 < report["gamma"] < report["validation_loss_median"]
+    print(f"ABL gamma from validation: {report['gamma']:.3f} (clean validation median {report['validation_loss_median']:.3f})")
+    assert _detected("ABL isolation (trained start, gamma from validation)", report["isolated_indices"], untrusted)["precision"] >= 0.5
+    with pytest.raises(ValueError, match="validation pairs"):
+        get_defense("abl").train(untrusted, start_model_path=str(tmp_path / "trained-start"), recipe=RECIPE, output_dir=tmp_path / "x")
 
 
 # ----------------------------------------------------------------------------- test-time pruning

@@ -14,8 +14,16 @@ given its image (the caption plays the label's part); everything else follows th
 (3) training on the other samples with the retraining recipe (continuing from the isolation
 model, as in the paper, or from the start model: ``retrain_from``);
 (4) unlearning: gradient ascent on the isolated samples' caption loss for ``unlearn_steps``.
-Captioning losses are per token, so ``gamma`` is in nats per token (the paper's 0.5 on
-classification is kept as a default, which a tiny model's poisoned captions fall below).
+Captioning losses are per token, so ``gamma`` is in nats per token. The paper trains from
+scratch, where every loss starts high; a captioner is fine-tuned from a trained model, whose
+clean captions already sit low (the embedded clean model: median 0.30 nats per token on
+clean validation pairs, 95% of them below 0.39). The paper's 0.5 is then above almost every
+clean sample, so LGA runs gradient *ascent* on the clean data and isolates the easiest clean
+captions (precision 0.00 on BadNet in the embedded world). By default ``gamma`` is set on clean
+validation pairs instead: the start model's caption loss that all but ``flag_rate`` of them
+exceed, so LGA leaves clean samples to ordinary training and only samples learned past the
+clean floor (the poison's shortcut) are held at it; ``gamma=<number>`` gives a fixed value
+(the paper's is 0.5).
 """
 
 from __future__ import annotations
@@ -27,19 +35,20 @@ import numpy as np
 import torch
 
 from ..vlm import load_captioner
-from .base import (DefenseConfig, TrainingDefense, check_choice, check_fraction, check_int, check_number, dataset_losses,
-                   measure_cost, record_on_model, train_on)
+from .base import (DefenseConfig, TrainingDefense, caption_losses, check_choice, check_fraction, check_int, check_number,
+                   dataset_losses, low_is_flagged, measure_cost, record_on_model, rgb_images, train_on)
 
 
 @dataclass
 class ABLConfig(DefenseConfig):
-    """gamma: LGA's loss floor (nats per caption token). isolation_epochs: LGA epochs.
+    """gamma: LGA's loss floor (nats per caption token); None (default): set on clean validation
+    pairs, the start model's loss all but ``flag_rate`` of them exceed. isolation_epochs: LGA epochs.
     isolation_rate: share of samples isolated (the paper's 1%). isolation_learning_rate: LGA's
     learning rate (default: the recipe's). retrain_from: "isolation" (continue the LGA model, the
     paper) or "start". unlearn_steps / unlearn_learning_rate: gradient ascent on the isolated
     samples (the paper unlearns with a smaller rate than it trains with)."""
 
-    gamma: float = 0.5
+    gamma: float | None = None
     isolation_epochs: float = 2.0
     isolation_rate: float = 0.01
     isolation_learning_rate: float = 0.0
@@ -49,8 +58,8 @@ class ABLConfig(DefenseConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if check_number("gamma", self.gamma) < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma!r}")
+        if self.gamma is not None and check_number("gamma", self.gamma) < 0:
+            raise ValueError(f"gamma must be >= 0 or None (set on validation), got {self.gamma!r}")
         if check_number("isolation_epochs", self.isolation_epochs) <= 0:
             raise ValueError(f"isolation_epochs must be > 0, got {self.isolation_epochs!r}")
         check_fraction("isolation_rate", self.isolation_rate, high_open=True)
@@ -68,13 +77,21 @@ class ABL(TrainingDefense):
     card_template = "defense_abl.md"
     summary = "isolate the lowest-loss samples under local gradient ascent, train on the rest, unlearn them"
 
-    def train(self, untrusted, *, start_model_path, recipe, output_dir, progress=False):
+    def train(self, untrusted, *, start_model_path, recipe, output_dir, validation_images=(), validation_captions=None, progress=False):
         cfg, out = self.config, Path(output_dir)
+        if cfg.gamma is None and (not validation_images or validation_captions is None or len(validation_captions) != len(validation_images)):
+            raise ValueError("ABL sets gamma on clean validation pairs: pass validation_images and one validation caption per "
+                             "image, or give gamma a number")
         self.report = {"defense": self.name, "config": cfg.to_dict(), "cost": {}}
         with measure_cost(len(untrusted), self.report["cost"]):
             # (1) isolation: LGA keeps every loss near gamma; the fastest-learned samples drop below
             model = load_captioner(start_model_path)
             gamma = cfg.gamma
+            if gamma is None:  # the clean floor of the start model, on data the defender trusts
+                validation_losses = caption_losses(model, rgb_images(validation_images), list(validation_captions), batch_size=cfg.batch_size)
+                gamma = float(low_is_flagged(validation_losses, cfg.flag_rate))
+                self.report.update(gamma_split="validation", validation_loss_median=float(np.median(validation_losses)))
+            self.report["gamma"] = gamma
 
             def lga(losses, extra):
                 return (torch.sign(losses - gamma) * losses).mean()

@@ -123,9 +123,11 @@ class DataCleanser(Defense):
 class TrainingDefense(Defense):
     kind = "training"
 
-    def train(self, untrusted: Dataset, *, start_model_path: str, recipe: dict, output_dir: str | Path, progress: bool = False):
+    def train(self, untrusted: Dataset, *, start_model_path: str, recipe: dict, output_dir: str | Path,
+              validation_images: Sequence[Image.Image] = (), validation_captions: Sequence[str] | None = None, progress: bool = False):
         """The defended captioner, trained from ``start_model_path`` on ``untrusted``; its
-        report (isolated samples, ``cost``) is left in ``self.report``."""
+        report (isolated samples, ``cost``) is left in ``self.report``. ``validation_images`` /
+        ``validation_captions``: clean validation pairs (one row per caption) for its thresholds."""
         raise NotImplementedError
 
 
