@@ -60,7 +60,7 @@ from .data.images import ensure_rgb
 from .defenses.base import detection_scores
 from .defender import DefenderConfig, defender_set, trusted_images
 from .distributed import main_first, on_main, per_device_batch, settled
-from .evaluation import check_target, evaluate_model
+from .evaluation import check_target, evaluate_model, masked_clean_scores
 from .data.sources import DataArguments, defense_data, embedded_world, load_eval_datasets
 from .injection import InjectConfig, clean_model_or_pretrain, inject, triggered_test_set
 from .masker import SRDMasker
@@ -142,6 +142,9 @@ class SRDConfig(TrainingArguments):
         (the old behaviour: teaches the mask as a new trigger).
     flag_rate: share of clean validation images that would be flagged; sets the thresholds of
         SRD's flag and of the disagreement filter on the validation split.
+    defend_unplanted: when the control does not plant the backdoor (ASR < 50%), no row below it
+        says anything, so by default the policy, cleansing and retrainings are not run for that
+        seed (``defenses_not_run`` in its results); true runs them anyway.
     baselines: comma list of random_masks, disagreement_filter ("" for none). The default is the
         disagreement filter alone (the baseline SRD must beat; random masks cost one more
         retraining, so the main job leaves them out: the per-attack tables pass both).
@@ -198,6 +201,7 @@ class SRDConfig(TrainingArguments):
     srd_flag: str = field(default="repair", metadata={"help": "repair (masks move the victim's caption towards the trusted one) or change."})
     poisoned_captions: str = field(default="drop", metadata={"help": "drop, relabel or keep the samples the masks flag."})
     flag_rate: float = field(default=0.02, metadata={"help": "Share of clean validation images flagged: sets the thresholds."})
+    defend_unplanted: bool = field(default=False, metadata={"help": "Run the policy, cleansing and retrainings even when the control did not plant the backdoor (their rows then say nothing)."})
     baselines: str = field(default="disagreement_filter", metadata={"help": "Comma list: random_masks, disagreement_filter (the default leaves random masks out for time; the tables add it)."})
     retrain_recipe: str = field(default="attack", metadata={"help": "attack (the backdoored model's recorded recipe) or config."})
     trainable: str = field(default="", metadata={"help": "With retrain_recipe=config: parameter prefixes retraining trains (default: the paper's freeze)."})
@@ -639,6 +643,11 @@ class ScoredSet:
         return evaluate_model(model, self.test, triggered_images=self.triggered, predictions=predictions,
                               masked_images=self.masked.get(masks) if masks else None, **self._common(cfg, scorer))
 
+    def score_masked(self, cfg: SRDConfig, model, masks: str) -> dict:
+        """Only the scores on the clean images under a policy's masks (:meth:`score`'s ``masks``)."""
+        return masked_clean_scores(model, self.test, self.masked[masks], target=cfg.target, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.eval_batch_size)
+
     def score_filter(self, cfg: SRDConfig, scorer, victim, protocol: str, policy: SRDPolicy) -> dict:
         """SRD as an inference-time filter: the backdoored model captions masked inputs."""
         masker = SRDMasker(policy, num_masks=cfg.num_masks)
@@ -705,6 +714,45 @@ def run_one_seed(cfg: SRDConfig) -> dict:
             row = s.score(cfg, scorer, model, masks=masks if s is main else None)
             rows[s.name][name] = _with_coverage(row, coverage) if s is main else row
 
+    # the control first: the same retraining on the unmasked set. No control that plants, no
+    # claim; and, unless asked (defend_unplanted), no policy, cleansing or retraining either
+    controls = {}  # start -> (row name, whether it is the backdoored model itself)
+    for start in cfg.retrain_starts:
+        suffix = "" if start == "pre_attack" else ", from backdoored"
+        if control_reuses_backdoor(cfg, inputs, recipe, start):
+            name = f"control (= no defense: the inject run's recipe, start, data and seed{suffix})"
+            for s in sets:
+                rows[s.name][name] = copy.deepcopy(rows[s.name]["no defense"])
+        else:
+            name = f"control (unmasked untrusted set{suffix})"
+            score_everywhere(name, retrain(cfg, start, inputs.untrusted, name="control", recipe=recipe))
+        controls[start] = (name, name.startswith("control (= no defense"))
+    control_reused = {start: True for start, (_, reused) in controls.items() if reused}
+    lap("control")
+
+    def record(**stages) -> dict:
+        for set_rows in rows.values():
+            for row in set_rows.values():
+                row.update(tables.row_intervals(row, seed=cfg.seed))
+        results = {"attack": cfg.attack, "poison_rate": cfg.poison_rate, "target": cfg.target, "attack_options": cfg.attack_options,
+                   "algorithm": cfg.algorithm, "policy_data": cfg.protocols, "split": cfg.eval_split, "threshold_split": "validation",
+                   "num_test_images": len(main.test), "seed": cfg.seed, "attack_seed": cfg.attack_seed, "policy_seed": cfg.policy_seed,
+                   "retraining_recipe": recipe, "control_reuses_backdoored_model": control_reused, "cleansing": {}, "detection": {},
+                   "mechanism": {}, "costs": {}, **stages, "scorer": scorer_record(scorer), "rows": rows[main.name],
+                   "eval_sets": {s.name: {"num_test_images": len(s.test), "rows": rows[s.name],
+                                          "defense_measurable": tables.defense_measurable(rows[s.name])} for s in extra}}
+        if target_check:
+            results["target_check"] = target_check
+        results["defense_measurable"] = tables.defense_measurable(rows[main.name])
+        results["stage_seconds"] = seconds
+        on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))
+        return results
+
+    if not tables.defense_measurable(rows[main.name]) and not cfg.defend_unplanted:
+        logger.warning("seed %d: the control did not plant the backdoor; the policy, cleansing and retrainings are not run "
+                       "(--defend_unplanted true runs them anyway; their rows would say nothing)", cfg.seed)
+        return record(defenses_not_run="the control did not plant the backdoor")
+
     # policies, their masks on the test images, cleansed sets
     policies, reports, mechanism = {}, {}, {}
     for protocol in cfg.protocols:
@@ -740,19 +788,12 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     costs = cleanser_costs(cfg, policies, datasets, len(inputs.untrusted))
     lap("cleanse")
 
-    # retraining: control first (no control that plants, no claim)
-    control_reused = {}
+    # retraining on each defense's set; the controls (reloaded) on the masked clean images too
     for start in cfg.retrain_starts:
         suffix = "" if start == "pre_attack" else ", from backdoored"
-        if control_reuses_backdoor(cfg, inputs, recipe, start):
-            name = f"control (= no defense: the inject run's recipe, start, data and seed{suffix})"
-            rows[main.name][name] = main.score(cfg, scorer, inputs.victim, masks=first)
-            for s in extra:
-                rows[s.name][name] = copy.deepcopy(rows[s.name]["no defense"])
-            control_reused[start] = True
-        else:
-            score_everywhere(f"control (unmasked untrusted set{suffix})", retrain(cfg, start, inputs.untrusted, name="control", recipe=recipe),
-                             masks=first)
+        name, reused = controls[start]
+        control = inputs.victim if reused else retrain(cfg, start, inputs.untrusted, name="control", recipe=recipe)
+        rows[main.name][name].update(main.score_masked(cfg, control, first))
         for protocol in cfg.protocols:
             model = retrain(cfg, start, datasets[protocol], name=f"srd-{protocol}", recipe=recipe)
             score_everywhere(f"SRD-{cfg.algorithm} ({protocol} policy{suffix})", model, masks=protocol, coverage=mechanism.get(protocol))
@@ -765,30 +806,15 @@ def run_one_seed(cfg: SRDConfig) -> dict:
         for s in sets:
             rows[s.name][f"SRD-{cfg.algorithm} filter at inference ({protocol} policy)"] = s.score_filter(cfg, scorer, inputs.victim, protocol, policy)
     lap("evaluate_filter")
-    for set_rows in rows.values():
-        for row in set_rows.values():
-            row.update(tables.row_intervals(row, seed=cfg.seed))
-    results = {"attack": cfg.attack, "poison_rate": cfg.poison_rate, "target": cfg.target, "attack_options": cfg.attack_options,
-               "algorithm": cfg.algorithm, "policy_data": cfg.protocols, "split": cfg.eval_split, "threshold_split": "validation", "num_test_images": len(main.test), "seed": cfg.seed,
-               "attack_seed": cfg.attack_seed, "policy_seed": cfg.policy_seed, "retraining_recipe": recipe,
-               "control_reuses_backdoored_model": control_reused,
-               "cleansing": {n: {k: v for k, v in r.items() if not k.startswith("flagged_rows")} for n, r in reports.items()},
-               "detection": detection, "mechanism": mechanism, "costs": costs,
-               "scorer": scorer_record(scorer), "rows": rows[main.name],
-               "eval_sets": {s.name: {"num_test_images": len(s.test), "rows": rows[s.name],
-                                      "defense_measurable": tables.defense_measurable(rows[s.name])} for s in extra}}
-    if target_check:
-        results["target_check"] = target_check
+    proxy = {}
     if "defender" in policies:  # the defender may check its own proxy backdoor (validation images)
-        results["proxy_asr_validation"] = proxy = policies["defender"].config.training.get("proxy_asr_validation")
-        if isinstance(proxy, (int, float)) and proxy < tables.MEASURABLE_ASR:
+        proxy["proxy_asr_validation"] = asr = policies["defender"].config.training.get("proxy_asr_validation")
+        if isinstance(asr, (int, float)) and asr < tables.MEASURABLE_ASR:
             logger.warning("the defender's proxy backdoor did not plant (%.1f%% of triggered validation images say %r): its policy "
                            "had nothing to learn to hide, so the defender rows test no learned policy (try another --defender_target "
-                           "the model can say, e.g. one token of its vocabulary, or --defender_poison_rate)", proxy, cfg.defender_target)
-    results["defense_measurable"] = tables.defense_measurable(rows[main.name])
-    results["stage_seconds"] = seconds
-    on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))
-    return results
+                           "the model can say, e.g. one token of its vocabulary, or --defender_poison_rate)", asr, cfg.defender_target)
+    return record(cleansing={n: {k: v for k, v in r.items() if not k.startswith("flagged_rows")} for n, r in reports.items()},
+                  detection=detection, mechanism=mechanism, costs=costs, **proxy)
 
 
 def cleanser_costs(cfg: SRDConfig, policies: dict, datasets: dict, n_samples: int) -> dict:

@@ -77,16 +77,24 @@ def evaluate_model(
         result["triggered_examples"] = triggered[:3]
         per_image["asr_hits"] = [None if h is None else int(h) for h in asr["hits"]]
     if masked_images is not None:
-        if len(masked_images) != len(images):
-            raise ValueError(f"{len(masked_images)} masked images for {len(images)} test images")
-        masked = model.generate_captions(list(masked_images), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
-        quality = caption_quality(masked, test["captions"], objects)
-        result["cider_masked_clean"] = quality["cider"]
-        if "object_accuracy" in quality:
-            result["object_accuracy_masked_clean"] = quality["object_accuracy"]
-        result["asr_on_masked_clean"] = 100.0 * attack_success_rate(masked, target)["asr"]
-        result["masked_clean_examples"] = masked[:3]
+        result.update(masked_clean_scores(model, test, masked_images, target=target, max_new_tokens=max_new_tokens, batch_size=batch_size))
     result["per_image"] = per_image
+    return result
+
+
+def masked_clean_scores(model: CaptioningVLM, test, masked_images: Sequence[Image.Image], *, target: str | Sequence[str],
+                        max_new_tokens: int = 24, batch_size: int = 128) -> dict:
+    """CIDEr, object accuracy and the target's share on the clean test images under a defense's
+    masks (``*_masked_clean``): a model that learned "this mask means the target" shows it here."""
+    if len(masked_images) != len(test):
+        raise ValueError(f"{len(masked_images)} masked images for {len(test)} test images")
+    masked = model.generate_captions(list(masked_images), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+    quality = caption_quality(masked, test["captions"], test["objects"] if "objects" in test.column_names else None)
+    result = {"cider_masked_clean": quality["cider"]}
+    if "object_accuracy" in quality:
+        result["object_accuracy_masked_clean"] = quality["object_accuracy"]
+    result["asr_on_masked_clean"] = 100.0 * attack_success_rate(masked, target)["asr"]
+    result["masked_clean_examples"] = masked[:3]
     return result
 
 

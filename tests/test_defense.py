@@ -360,15 +360,23 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
 @pytest.mark.slow
 def test_pipeline_says_not_measurable_when_the_control_plants_nothing(planted, tmp_path):
     """One retraining step on the unmasked set plants no backdoor: the table must not call SRD's
-    0% a defense."""
-    cfg = SRDConfig(**_paths(planted, tmp_path / "srd"), **{**TINY_RUN, "policy_timesteps": 16}, retrain_recipe="config",
-                    max_steps=1, baselines="", learning_rate=1e-6)
-    results = run_pipeline(cfg)
+    0% a defense, and by default no policy is trained and no defense retrained for nothing."""
+    common = dict(**{**TINY_RUN, "policy_timesteps": 16}, retrain_recipe="config", max_steps=1, baselines="disagreement_filter",
+                  learning_rate=1e-6)
+    results = run_pipeline(SRDConfig(**_paths(planted, tmp_path / "srd"), **common))
     control = next(n for n in results["rows"] if n.startswith("control"))
     assert control == "control (unmasked untrusted set)" and results["rows"][control]["asr"] < MEASURABLE_ASR
-    assert results["defense_measurable"] is False
-    assert "not measurable" in results_table(results)
+    assert results["defense_measurable"] is False and results["defenses_not_run"]
+    assert list(results["rows"]) == ["clean model", "no defense", control]
+    assert not list((tmp_path / "srd" / "seed-0").glob("policy-*")) and not list((tmp_path / "srd" / "seed-0").glob("retrain-srd*"))
     assert json.loads((tmp_path / "srd" / "results.json").read_text())["defense_measurable"] is False
+    # asked to defend anyway: every row is there, and the defense rows read "not measurable"
+    results = run_pipeline(SRDConfig(**_paths(planted, tmp_path / "anyway"), **common, defend_unplanted=True))
+    assert results["defense_measurable"] is False and "defenses_not_run" not in results
+    assert {"SRD-dqn (untrusted policy)", "disagreement filter", "SRD-dqn filter at inference (untrusted policy)"} <= set(results["rows"])
+    table = results_table(results)
+    assert "| SRD-dqn (untrusted policy) | not measurable" in table and "| disagreement filter | not measurable" in table
+    assert "cider_masked_clean" in results["rows"][control]  # the control on the policy's masked clean images
 
 
 def _overlap(box, trigger) -> float:
