@@ -48,7 +48,8 @@ def defense_command_for(backdoor_dir: str) -> list[str]:
 TINY_DEFENSE = ["--num_policy_samples", "8", "--policy_timesteps", "16", "--num_envs", "4", "--learning_starts", "8",
                 "--buffer_size", "50", "--target_update_interval", "8", "--num_test_images", "4", "--max_new_tokens", "4",
                 "--eval_batch_size", "8", "--max_steps", "2", "--save_steps", "1000", "--logging_steps", "1", "--report_to", "none",
-                "--dataloader_num_workers", "0", "--flag_rate", "0.25"]
+                "--dataloader_num_workers", "0", "--flag_rate", "0.25",
+                "--defend_unplanted", "true"]  # a tiny model plants nothing in two steps: the defense plumbing is what is tested
 
 
 def run_defense_recipe(args: list[str], monkeypatch, scorer) -> dict:

@@ -297,7 +297,7 @@ def test_defend_recipe_one_table_with_srd_rows(planted, sfs_scorer, tmp_path, ca
     from srd_hf.defense import SRDConfig, run_pipeline
 
     run_pipeline(SRDConfig(**paths, **common, output_dir=str(tmp_path / "srd"), num_policy_samples=16, policy_timesteps=16, num_envs=8,
-                           learning_starts=8, buffer_size=100, baselines="", logging_steps=5))
+                           learning_starts=8, buffer_size=100, baselines="", logging_steps=5, defend_unplanted=True))
     cfg = recipe.DefendConfig(**paths, **common, defense="vdc,attention_pruning", output_dir=str(tmp_path / "defend"),
                               defense_options='{"vdc": {"max_new_tokens": 8}, "attention_pruning": {"max_new_tokens": 8}}',
                               num_trusted_images=0, srd_results=str(tmp_path / "srd" / "results.json"))

@@ -104,7 +104,7 @@ def _defense_kwargs(root: Path, out: Path) -> dict:
                 poisoned_dataset=str(root / "bd" / "poisoned_dataset"), output_dir=str(out), num_policy_samples=16,
                 policy_timesteps=48, num_envs=8, learning_starts=16, buffer_size=100, target_update_interval=16, num_test_images=4,
                 max_new_tokens=6, eval_batch_size=16, logging_steps=5, save_steps=2, report_to="none", baselines="",
-                flag_rate=0.1)
+                flag_rate=0.1, defend_unplanted=True)  # every stage runs (and is killed), planted or not
 
 
 @pytest.mark.slow
