@@ -81,7 +81,7 @@ def test_registry_configs_round_trip_and_cards():
 
 @pytest.mark.parametrize("cls, bad, match", [
     (ABLConfig, dict(isolation_rate=0.0), "isolation_rate"), (ABLConfig, dict(isolation_rate=1.0), "isolation_rate"),
-    (ABLConfig, dict(gamma=-1), "gamma"), (ABLConfig, dict(retrain_from="scratch"), "retrain_from"),
+    (ABLConfig, dict(gamma=-1), "gamma"), (ABLConfig, dict(retrain_from="scratch"), "retrain_from"), (ABLConfig, dict(isolate_by="gradient"), "isolate_by"),
     (ABLConfig, dict(unlearn_steps=-1), "unlearn_steps"), (ABLConfig, dict(flag_rate=1.0), "flag_rate"),
     (VDCConfig, dict(answer="guess"), "answer"), (VDCConfig, dict(claim_unit="letters"), "claim_unit"),
     (VDCConfig, dict(question_template="is it there?"), "claim"), (CTConfig, dict(confusion_factor=0), "confusion_factor"),
@@ -143,9 +143,9 @@ def test_ct_flags_what_the_confused_model_still_fits(planted, small_world_data, 
 
 
 def test_abl_isolates_the_poison_and_trains_a_model(planted, tmp_path):
-    """From scratch (the session's start model is untrained), as in the paper, with its fixed gamma."""
+    """From scratch (the session's start model is untrained), as in the paper: its fixed gamma, the lowest losses."""
     untrusted = planted["untrusted"]
-    abl = get_defense("abl", gamma=0.5, isolation_rate=0.1, isolation_epochs=2.0, unlearn_steps=3)
+    abl = get_defense("abl", gamma=0.5, isolate_by="loss", isolation_rate=0.1, isolation_epochs=2.0, unlearn_steps=3)
     model = abl.train(untrusted, start_model_path=str(planted["root"] / "clean"), recipe={**RECIPE, "num_train_epochs": 2},
                       output_dir=tmp_path)
     report = abl.report
@@ -159,9 +159,8 @@ def test_abl_isolates_the_poison_and_trains_a_model(planted, tmp_path):
 
 
 def test_abl_sets_gamma_on_validation_when_fine_tuning_a_trained_captioner(planted, tmp_path):
-    """A trained start model (the trusted captioner): its clean captions already sit below the
-    paper's gamma, so gamma comes from clean validation pairs, under their loss median, and the
-    isolated samples are still mostly poison."""
+    """A trained start model (the trusted captioner): gamma comes from clean validation pairs,
+    under their loss median, and the samples whose loss falls most (the default) are mostly poison."""
     untrusted = planted["untrusted"]
     planted["trusted"].save_pretrained(tmp_path / "trained-start")
     abl = get_defense("abl", isolation_rate=0.1, isolation_epochs=2.0, unlearn_steps=0, flag_rate=0.05)
@@ -169,6 +168,7 @@ def test_abl_sets_gamma_on_validation_when_fine_tuning_a_trained_captioner(plant
               output_dir=tmp_path / "abl", **planted["pairs"])
     report = abl.report
     assert report["gamma_split"] == "validation" and 0 < report["gamma"] < report["validation_loss_median"]
+    assert report["isolation_drop_threshold"] > report["isolation_drops_median"]
     print(f"ABL gamma from validation: {report['gamma']:.3f} (clean validation median {report['validation_loss_median']:.3f})")
     assert _detected("ABL isolation (trained start, gamma from validation)", report["isolated_indices"], untrusted)["precision"] >= 0.5
     with pytest.raises(ValueError, match="validation pairs"):
