@@ -54,8 +54,6 @@ def section(path: Path) -> str:
         lines.append("The control planted the backdoor (ASR >= 50%): the defense rows are measurable.")
     else:
         lines.append("**Not measurable**: " + tables.not_measurable_message(results))
-        if results.get("defenses_not_run"):
-            lines += ["", f"The defenses were not run ({results['defenses_not_run']}; `--defend_unplanted true` runs them anyway)."]
     lines += ["", tables.results_table(results), ""]
     for name, table in tables.eval_set_tables(results):
         lines += [f"On {name}:", "", table, ""]

@@ -36,8 +36,6 @@ def main(config: SRDConfig) -> dict:
         print(f"seed {seed} left out: its control reached ASR {left['control_asr']:.1f}% (the backdoor did not plant)\n")
     if not results["defense_measurable"]:
         print(not_measurable_message(results) + "\n")
-        if results.get("defenses_not_run"):
-            print(f"The defenses were not run ({results['defenses_not_run']}; --defend_unplanted true runs them anyway).\n")
     print(results_table(results))
     for title, table in eval_set_tables(results):  # the same models on another domain
         print(f"\n{title}\n\n{table}")

@@ -719,14 +719,15 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     controls = {}  # start -> (row name, whether it is the backdoored model itself)
     for start in cfg.retrain_starts:
         suffix = "" if start == "pre_attack" else ", from backdoored"
-        if control_reuses_backdoor(cfg, inputs, recipe, start):
+        reused = control_reuses_backdoor(cfg, inputs, recipe, start)
+        if reused:
             name = f"control (= no defense: the inject run's recipe, start, data and seed{suffix})"
             for s in sets:
                 rows[s.name][name] = copy.deepcopy(rows[s.name]["no defense"])
         else:
             name = f"control (unmasked untrusted set{suffix})"
             score_everywhere(name, retrain(cfg, start, inputs.untrusted, name="control", recipe=recipe))
-        controls[start] = (name, name.startswith("control (= no defense"))
+        controls[start] = (name, reused)
     control_reused = {start: True for start, (_, reused) in controls.items() if reused}
     lap("control")
 

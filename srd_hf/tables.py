@@ -134,6 +134,9 @@ def cost_table(costs: dict) -> str:
 
 def not_measurable_message(results: dict) -> str:
     control = next((row for name, row in results["rows"].items() if name.startswith("control")), {})
-    return (f"NOT MEASURABLE: the control (the same retraining on the unmasked untrusted set) reached ASR "
-            f"{control.get('asr', float('nan')):.1f}% < {MEASURABLE_ASR:g}%: this retraining plants no backdoor, so no row "
-            f"below says anything about a defense. Retrain with the attacker's recipe (--retrain_recipe attack).")
+    message = (f"NOT MEASURABLE: the control (the same retraining on the unmasked untrusted set) reached ASR "
+               f"{control.get('asr', float('nan')):.1f}% < {MEASURABLE_ASR:g}%: this retraining plants no backdoor, so no row "
+               f"below says anything about a defense. Retrain with the attacker's recipe (--retrain_recipe attack).")
+    if results.get("defenses_not_run"):
+        message += f" The defenses were not run ({results['defenses_not_run']}; --defend_unplanted true runs them anyway)."
+    return message

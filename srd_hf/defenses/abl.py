@@ -41,7 +41,7 @@ import torch
 
 from ..vlm import load_captioner
 from .base import (DefenseConfig, TrainingDefense, caption_losses, check_choice, check_fraction, check_int, check_number,
-                   dataset_losses, low_is_flagged, measure_cost, record_on_model, rgb_images, train_on)
+                   check_validation_pairs, dataset_losses, low_is_flagged, measure_cost, record_on_model, rgb_images, train_on)
 
 
 @dataclass
@@ -88,9 +88,8 @@ class ABL(TrainingDefense):
 
     def train(self, untrusted, *, start_model_path, recipe, output_dir, validation_images=(), validation_captions=None, progress=False):
         cfg, out = self.config, Path(output_dir)
-        if cfg.gamma is None and (not validation_images or validation_captions is None or len(validation_captions) != len(validation_images)):
-            raise ValueError("ABL sets gamma on clean validation pairs: pass validation_images and one validation caption per "
-                             "image, or give gamma a number")
+        if cfg.gamma is None:
+            check_validation_pairs("ABL", validation_images, validation_captions, sets="gamma", otherwise=", or give gamma a number")
         self.report = {"defense": self.name, "config": cfg.to_dict(), "cost": {}}
         with measure_cost(len(untrusted), self.report["cost"]):
             # (1) isolation: LGA keeps every loss near gamma; the fastest-learned samples drop below
@@ -110,7 +109,8 @@ class ABL(TrainingDefense):
             train_on(model, untrusted, recipe, out / "isolation", objective=lga, num_train_epochs=cfg.isolation_epochs, learning_rate=lr)
             # (2) the share learned fastest is isolated: the largest loss falls, or the lowest losses
             losses = dataset_losses(model, untrusted, batch_size=cfg.batch_size)
-            suspicion = start_losses - losses if start_losses is not None else -losses
+            drops = start_losses - losses if start_losses is not None else None
+            suspicion = drops if drops is not None else -losses
             n_isolated = max(1, int(round(cfg.isolation_rate * len(untrusted))))
             isolated = np.sort(np.argsort(-suspicion, kind="stable")[:n_isolated])
             rest = np.setdiff1d(np.arange(len(untrusted)), isolated)
@@ -126,8 +126,7 @@ class ABL(TrainingDefense):
                          warmup_steps=0, lr_scheduler_type="constant")
         self.report.update(isolated_indices=[int(i) for i in isolated], n_samples=len(untrusted), n_isolated=int(n_isolated),
                            isolation_loss_threshold=float(losses[isolated].max()), isolation_losses_median=float(np.median(losses)))
-        if start_losses is not None:
-            drops = start_losses - losses
+        if drops is not None:
             self.report.update(isolation_drop_threshold=float(drops[isolated].min()), isolation_drops_median=float(np.median(drops)))
         record_on_model(model, {k: v for k, v in self.report.items() if k != "isolated_indices"})
         return model

@@ -82,6 +82,14 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_validation_pairs(who: str, validation_images: Sequence[Any], validation_captions: Sequence[str] | None,
+                           *, sets: str = "its threshold", otherwise: str = "") -> None:
+    """A defense that sets a value on clean validation (image, caption) pairs needs one caption per image."""
+    if not validation_images or validation_captions is None or len(validation_captions) != len(validation_images):
+        raise ValueError(f"{who} sets {sets} on clean validation pairs: pass validation_images and one validation caption per "
+                         f"image{otherwise}")
+
+
 # ----------------------------------------------------------------------------- the three kinds
 class Defense:
     """A rival defense: ``name`` (registry key), ``kind`` (one of :data:`KINDS`), its config

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
-from .base import (DataCleanser, DefenseConfig, caption_losses, check_choice, check_int, check_number, dataset_losses, keep_unflagged,
-                   low_is_flagged, measure_cost, rgb_images, train_on)
+from .base import (DataCleanser, DefenseConfig, caption_losses, check_choice, check_int, check_number, check_validation_pairs,
+                   dataset_losses, keep_unflagged, low_is_flagged, measure_cost, rgb_images, train_on)
 
 
 @dataclass
@@ -96,8 +96,7 @@ class ConfusionTraining(DataCleanser):
             raise ValueError("CT needs trusted clean images (at least 2) for its confusion batches: pass trusted")
         if cfg.num_trusted and len(trusted) < cfg.num_trusted:
             raise ValueError(f"CT asks for {cfg.num_trusted} trusted images, got {len(trusted)}")
-        if not validation_images or validation_captions is None or len(validation_captions) != len(validation_images):
-            raise ValueError("CT sets its threshold on clean validation pairs: pass validation_images and one validation caption per image")
+        check_validation_pairs("CT", validation_images, validation_captions)
         recipe = dict(recipe or {})
         if cfg.learning_rate:
             recipe["learning_rate"] = cfg.learning_rate

@@ -38,8 +38,8 @@ import numpy as np
 
 from ..cleansing import unique_captions
 from ..data.synthetic import named_objects
-from .base import (DataCleanser, DefenseConfig, caption_losses, check_choice, keep_unflagged, low_is_flagged, measure_cost,
-                   rgb_images)
+from .base import (DataCleanser, DefenseConfig, caption_losses, check_choice, check_validation_pairs, keep_unflagged, low_is_flagged,
+                   measure_cost, rgb_images)
 
 ANSWERS = ("caption", "likelihood", "ask")
 CLAIM_UNITS = ("objects", "words")
@@ -112,8 +112,7 @@ class VDC(DataCleanser):
     def cleanse(self, untrusted, *, victim=None, reference=None, scorer=None, validation_images=(), validation_captions=None,
                 trusted=None, recipe=None, output_dir=None, progress=False):
         cfg = self.config
-        if not validation_images or validation_captions is None or len(validation_captions) != len(validation_images):
-            raise ValueError("VDC sets its threshold on clean validation pairs: pass validation_images and one validation caption per image")
+        check_validation_pairs("VDC", validation_images, validation_captions)
         answerer = self._answerer(reference)
         report = {"defense": self.name, "config": cfg.to_dict(), "split_for_threshold": "validation", "cost": {}}
         with measure_cost(len(untrusted), report["cost"]):
