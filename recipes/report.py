@@ -53,7 +53,7 @@ def section(path: Path) -> str:
     if results.get("defense_measurable", True):
         lines.append("The control planted the backdoor (ASR >= 50%): the defense rows are measurable.")
     else:
-        lines.append("**Not measurable**: " + tables.not_measurable_message(results))
+        lines.append("**" + tables.not_measurable_message(results).replace(": ", "**: ", 1))
     lines += ["", tables.results_table(results), ""]
     for name, table in tables.eval_set_tables(results):
         lines += [f"On {name}:", "", table, ""]

@@ -335,12 +335,7 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
     ((title, table),) = eval_set_tables(results)
     assert title.startswith("embedded-shifted (8 test images") and "| SRD-dqn (untrusted policy)" in table
     # the report recipe writes what the run measured, nothing recomputed
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("report_recipe", Path(__file__).resolve().parent.parent / "recipes" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = _report_recipe()
     text = report.main([str(out / "results.json"), "--output", str(tmp_path / "report.md")])
     assert text == (tmp_path / "report.md").read_text() and results_table(results) in text and table in text
     assert "proxy backdoor says its word on" in text and "precision" in text and "trigger coverage" in text
@@ -357,6 +352,17 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
     assert again["costs"] == results["costs"] and made["wall_seconds"] >= made["parts_seconds"]["policy"] > 0
 
 
+def _report_recipe():
+    """``recipes/report.py`` as a module (recipes are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("report_recipe", Path(__file__).resolve().parent.parent / "recipes" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
 @pytest.mark.slow
 def test_pipeline_says_not_measurable_when_the_control_plants_nothing(planted, tmp_path):
     """One retraining step on the unmasked set plants no backdoor: the table must not call SRD's
@@ -370,6 +376,9 @@ def test_pipeline_says_not_measurable_when_the_control_plants_nothing(planted, t
     assert list(results["rows"]) == ["clean model", "no defense", control]
     assert not list((tmp_path / "srd" / "seed-0").glob("policy-*")) and not list((tmp_path / "srd" / "seed-0").glob("retrain-srd*"))
     assert json.loads((tmp_path / "srd" / "results.json").read_text())["defense_measurable"] is False
+    # the written report says it once, in bold, and names the defenses it did not run
+    text = _report_recipe().main([str(tmp_path / "srd" / "results.json"), "--output", str(tmp_path / "report.md")])
+    assert text.count("NOT MEASURABLE") == 1 and "**NOT MEASURABLE**: the control" in text and "were not run" in text
     # asked to defend anyway: every row is there, and the defense rows read "not measurable"
     results = run_pipeline(SRDConfig(**_paths(planted, tmp_path / "anyway"), **common, defend_unplanted=True))
     assert results["defense_measurable"] is False and "defenses_not_run" not in results
