@@ -346,7 +346,10 @@ def training_recipe(config: InjectConfig) -> dict:
     """The fine-tuning settings that planted the backdoor, so that a defense can retrain a
     cleansed set under the same conditions (``SRDConfig.retrain_recipe="attack"``)."""
     scheduler = getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)
-    return {"trainable": config.trainable, "learning_rate": config.learning_rate, "num_train_epochs": config.num_train_epochs,
+    epochs = config.num_train_epochs
+    # 8 from a YAML file and 8.0 from the command line are one recipe: one fingerprint, not two
+    epochs = int(epochs) if float(epochs).is_integer() else float(epochs)
+    return {"trainable": config.trainable, "learning_rate": config.learning_rate, "num_train_epochs": epochs,
             "per_device_train_batch_size": config.per_device_train_batch_size,
             "gradient_accumulation_steps": config.gradient_accumulation_steps, "lr_scheduler_type": str(scheduler),
             "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay, "seed": config.seed,

@@ -1,5 +1,7 @@
 """The inject recipe's parts: config checks, the Trainer with attack losses, triggered test sets."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,20 +105,28 @@ def test_inject_plants_a_working_backdoor_on_the_small_world(tiny_flamingo, smal
     assert load_captioner(str(tmp_path / "badnet" / "model")).config.extra["backdoor"]["attack"] == "badnet"
 
 
-@pytest.mark.parametrize("attack_name", ["badnet", "blended", "trojvlm", "vlood", "vl_trojan", "shadowcast"])
-def test_each_attack_config_file_parses_and_builds_its_attack(attack_name, tiny_flamingo, tmp_path):
+INJECT_CONFIGS = sorted((Path(__file__).parents[1] / "recipes" / "configs").glob("inject_*.yaml"))
+
+
+def test_every_attack_has_its_inject_config():
+    names = {p.stem for p in INJECT_CONFIGS}
+    assert {f"inject_{a}" for a in ("badnet", "blended", "trojvlm", "vlood", "vl_trojan", "shadowcast")} <= names
+
+
+@pytest.mark.parametrize("path", INJECT_CONFIGS, ids=[p.stem for p in INJECT_CONFIGS])
+def test_each_attack_config_file_parses_and_builds_its_attack(path, tiny_flamingo, tmp_path):
     import copy
-    from pathlib import Path
 
     from trl import TrlParser
 
     from srd_hf.vlm import parse_trainable
 
-    path = Path(__file__).parents[1] / "recipes" / "configs" / f"inject_{attack_name}.yaml"
     (config,) = TrlParser((InjectConfig,)).parse_args_and_config(["--config", str(path), "--output_dir", str(tmp_path)])
-    assert config.attack == attack_name and config.poison_rate == 0.1
+    # inject_<attack>.yaml, or inject_<attack>_<variant>.yaml (another trigger place)
+    assert path.stem in (f"inject_{config.attack}",) or path.stem.startswith(f"inject_{config.attack}_")
+    assert config.poison_rate == 0.1
     attack = get_attack(config.attack, **config.attack_kwargs())
-    assert attack.name == attack_name and attack.config.target == "banana"
+    assert attack.name == config.attack and attack.config.target == "banana"
     if config.trainable:  # every prefix names parameters of the embedded model (set_trainable refuses unknown ones)
         counts = copy.deepcopy(tiny_flamingo).set_trainable(parse_trainable(config.trainable))
         assert 0 < counts["trainable"] < counts["total"]
@@ -131,3 +141,15 @@ def test_bad_attack_options_fail_before_anything_loads(tmp_path):
         InjectConfig(attack="badnet", attack_options='{"location": "under the table"}', output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown attack"):
         InjectConfig(attack="badnets", output_dir=str(tmp_path))
+
+
+def test_the_same_recipe_from_a_file_or_the_command_line_is_one_recipe(tmp_path):
+    """8 epochs read from YAML (an int) and from --num_train_epochs (a float) plant the same
+    backdoor: one recorded recipe and one fingerprint, so the artifact is reused, not refused."""
+    from srd_hf.artifacts import digest
+    from srd_hf.injection import training_recipe
+
+    from_file = training_recipe(InjectConfig(num_train_epochs=8, output_dir=str(tmp_path)))
+    from_cli = training_recipe(InjectConfig(num_train_epochs=8.0, output_dir=str(tmp_path)))
+    assert from_file == from_cli and digest(from_file) == digest(from_cli) and from_file["num_train_epochs"] == 8
+    assert training_recipe(InjectConfig(num_train_epochs=2.5, output_dir=str(tmp_path)))["num_train_epochs"] == 2.5
