@@ -92,7 +92,12 @@ def recorded_hash(folder: str | os.PathLike) -> str | None:
 def differences(recorded: dict, wanted: dict) -> dict:
     """``{setting: (recorded, wanted)}`` for every top-level setting that differs."""
     recorded, wanted = _canonical(recorded), _canonical(wanted)
-    return {k: (recorded.get(k), wanted.get(k)) for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)}
+
+    def text(value):  # as hashed: 8 and 8.0 differ there, so they differ here
+        return json.dumps(value, sort_keys=True)
+
+    return {k: (recorded.get(k), wanted.get(k)) for k in sorted(set(recorded) | set(wanted))
+            if text(recorded.get(k)) != text(wanted.get(k))}
 
 
 def _check(folder: Path, marker: dict, fingerprint: dict, what: str) -> None:

@@ -34,6 +34,9 @@ def test_other_settings_stop_with_the_differing_ones_named(tmp_path):
     with pytest.raises(StaleArtifactError, match=r"target: 'banana' -> 'apple'") as err:
         artifacts.reusable(target, {"attack": "badnet", "target": "apple", "seed": 0})
     assert "seed" not in str(err.value) and "--overwrite_output_dir" in str(err.value)
+    # values that compare equal but hash apart (8 vs 8.0) are still named, not an empty list
+    with pytest.raises(StaleArtifactError, match=r"seed: 0 -> 0\.0"):
+        artifacts.reusable(target, {"attack": "badnet", "target": "banana", "seed": 0.0})
 
 
 def test_begin_refuses_checkpoints_of_other_settings(tmp_path):
