@@ -165,14 +165,24 @@ def coverage_map(mask_boxes_per_sample: Sequence[Iterable[Box] | None], width: i
     return counts / max(len(mask_boxes_per_sample), 1)
 
 
-def _outlines(trigger_boxes) -> list[tuple]:
-    """Distinct trigger boxes to outline: one box, or a sequence of boxes (None entries skipped)."""
+#: more distinct trigger places than this (a trigger at a random place) are drawn as a map of
+#: their own, not outlined: a thousand outlines hide the masks under them
+MAX_OUTLINES = 4
+
+
+def _trigger_list(trigger_boxes) -> list:
+    """One box, or a sequence of boxes (None entries skipped), as a list of boxes."""
     if trigger_boxes is None:
         return []
     items = list(trigger_boxes)
     if len(items) == 4 and all(np.isscalar(v) for v in items):
         items = [items]
-    return sorted({_key(b) for b in items if b is not None})
+    return [b for b in items if b is not None]
+
+
+def _outlines(trigger_boxes) -> list[tuple]:
+    """Distinct trigger boxes to outline."""
+    return sorted({_key(b) for b in _trigger_list(trigger_boxes)})
 
 
 def mask_heatmap(
@@ -183,10 +193,12 @@ def mask_heatmap(
     path: str | Path,
     trigger_boxes=None,
 ) -> Path:
-    """Write a two-panel PNG (clean | poisoned) of ``coverage_map`` and return its path.
+    """Write a PNG of ``coverage_map`` (clean | poisoned) and return its path.
 
-    Both panels share one colour scale (0 to 1) so they compare directly; ``trigger_boxes``
-    (one box, or one per sample: the distinct ones are drawn) are outlined on both. Drawn with
+    The panels share one colour scale (0 to 1) so they compare directly. ``trigger_boxes`` (one
+    box, or one per poisoned sample) are outlined on both when there are at most
+    ``MAX_OUTLINES`` distinct places; more (a trigger at a random place) get a third panel, the
+    share of poisoned samples whose trigger covers each pixel, on the same scale. Drawn with
     matplotlib's Agg canvas, without pyplot, so it works headless and leaves no global state.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -196,19 +208,25 @@ def mask_heatmap(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     outlines = _outlines(trigger_boxes)
+    panels = [("clean", mask_boxes_clean, "masks, clean"), ("poisoned", mask_boxes_poisoned, "masks, poisoned")]
+    if len(outlines) > MAX_OUTLINES:
+        triggers = _trigger_list(trigger_boxes)
+        panels.append(("triggers", [[b] for b in triggers], "trigger places"))
+        outlines = []
     aspect = height / width
-    fig = Figure(figsize=(9.0, max(3.0, 4.0 * aspect + 0.8)), dpi=100, layout="constrained")
+    fig = Figure(figsize=(4.5 * len(panels), max(3.0, 4.0 * aspect + 0.8)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
+    axes = fig.subplots(1, len(panels))
     image = None
-    for ax, (name, boxes) in zip(axes, (("clean", mask_boxes_clean), ("poisoned", mask_boxes_poisoned))):
+    for ax, (_, boxes, title) in zip(axes, panels):
         image = ax.imshow(coverage_map(boxes, width, height), vmin=0.0, vmax=1.0, cmap="magma",
                           extent=(0, width, height, 0), interpolation="nearest")
         for x0, y0, x1, y1 in outlines:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=1.5))
-        ax.set_title(f"{name} (n={len(boxes)})")
+        ax.set_title(f"{title} (n={len(boxes)})")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of samples masked")
+    label = "share of samples masked" + (" (or with the trigger there)" if len(panels) > 2 else "")
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label=label)
     fig.savefig(path, format="png")
     return path

@@ -143,3 +143,10 @@ def test_mask_heatmap_writes_a_png(tmp_path):
     with Image.open(mask_heatmap([], [], 32, 32, tmp_path / "empty.png", trigger_boxes=TRIGGER)) as img:
         assert img.format == "PNG"
     assert mask_heatmap(clean, dirty, 32, 32, tmp_path / "plain.png").is_file()
+    # a trigger at a random place: its places get a panel of their own instead of an outline each
+    rng = np.random.default_rng(0)
+    places = [[x, y, x + 6, y + 6] for x, y in rng.integers(0, 26, size=(40, 2)).tolist()]
+    with Image.open(mask_heatmap(clean, dirty, 32, 32, tmp_path / "random.png", trigger_boxes=places)) as img:
+        three = img.width
+    with Image.open(mask_heatmap(clean, dirty, 32, 32, tmp_path / "fixed.png", trigger_boxes=places[:1])) as img:
+        assert three > 1.3 * img.width  # a third panel
