@@ -14,7 +14,11 @@ of the pre-attack model trained for ``rounds`` x ``epochs_per_round`` epochs on 
 set mixed with as many confusion samples, each of weight ``confusion_factor`` (fresh random
 captions every round). A sample is flagged when its caption loss is lower than all but
 ``flag_rate`` of clean validation pairs (image, its own caption) under the confused model.
-The paper's further rounds that distil a pre-isolated clean subset are not reproduced.
+Not reproduced (and measured to matter: this version flags no poison in the embedded world,
+``docs/results/rivals.md``): the paper's rounds *distil* the inspected set, each keeping the
+lowest-loss share of the last (halving and more per round), so that poison is concentrated
+before the final confusion; and most of its steps see a confusion batch alone, so clean
+semantics are forgotten faster than here, where every step mixes the whole untrusted set in.
 """
 
 from __future__ import annotations
