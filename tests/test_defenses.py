@@ -86,6 +86,8 @@ def test_registry_configs_round_trip_and_cards():
     (VDCConfig, dict(answer="guess"), "answer"), (VDCConfig, dict(claim_unit="letters"), "claim_unit"),
     (VDCConfig, dict(question_template="is it there?"), "claim"), (CTConfig, dict(confusion_factor=0), "confusion_factor"),
     (CTConfig, dict(rounds=0), "rounds"), (CTConfig, dict(num_trusted=-2), "num_trusted"),
+    (CTConfig, dict(distill=[0.2, 0.5]), "decreasing"), (CTConfig, dict(distill=[1.0]), "distill"),
+    (CTConfig, dict(distill=0.5), "distill"), (CTConfig, dict(confusion_ratio=0), "confusion_ratio"),
     (AttentionPruningConfig, dict(statistic="mean"), "statistic"), (AttentionPruningConfig, dict(token_ratio=0.5), "token_ratio"),
     (AttentionPruningConfig, dict(prune="blur"), "prune"), (AttentionPruningConfig, dict(max_pruned=0), "max_pruned"),
     (AttentionPruningConfig, dict(batch_size=True), "batch_size"),
@@ -140,6 +142,23 @@ def test_ct_flags_what_the_confused_model_still_fits(planted, small_world_data, 
     _check_cost(report["cost"])
     with pytest.raises(ValueError, match="trusted clean images"):
         get_defense("ct").cleanse(untrusted, victim=planted["victim"], **planted["pairs"])
+    # scored by the image gain: the confused model still reads the trigger, not the clean images
+    poisoned = np.asarray(untrusted["is_poisoned"], dtype=bool)
+    ct = get_defense("ct", flag_rate=0.05, rounds=2, epochs_per_round=1.0, flag_by="image_gain")
+    kept, report = ct.cleanse(untrusted, victim=planted["victim"], trusted=trusted, recipe=RECIPE, output_dir=tmp_path / "gain",
+                              **planted["pairs"])
+    print(f"CT image gain: median poisoned {np.median(ct.scores[poisoned]):.3f}, clean {np.median(ct.scores[~poisoned]):.3f}")
+    assert np.median(ct.scores[poisoned]) > np.median(ct.scores[~poisoned]) + 0.1 and "gain_threshold" in report
+    _detected("CT, image gain", report["flagged_indices"], untrusted)
+    # the paper's distillation: a phase on everything, then one on the most suspicious half,
+    # where the poison must be denser than in the untrusted set
+    ct = get_defense("ct", flag_rate=0.05, rounds=1, epochs_per_round=1.0, distill=[0.5], confusion_ratio=2.0, flag_by="image_gain")
+    kept, report = ct.cleanse(untrusted, victim=planted["victim"], trusted=trusted, recipe=RECIPE, output_dir=tmp_path / "distil",
+                              **planted["pairs"])
+    assert report["distilled_sizes"] == [round(0.5 * len(untrusted))] == [len(ct.distilled_indices)]
+    print(f"CT distilled half: poison share {poisoned[ct.distilled_indices].mean():.2f} against {poisoned.mean():.2f}")
+    assert poisoned[ct.distilled_indices].mean() > 1.5 * poisoned.mean()
+    _detected("CT, image gain, distilled", report["flagged_indices"], untrusted)
 
 
 def test_abl_isolates_the_poison_and_trains_a_model(planted, tmp_path):
