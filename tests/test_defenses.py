@@ -85,7 +85,7 @@ def test_registry_configs_round_trip_and_cards():
     (ABLConfig, dict(unlearn_steps=-1), "unlearn_steps"), (ABLConfig, dict(flag_rate=1.0), "flag_rate"),
     (VDCConfig, dict(answer="guess"), "answer"), (VDCConfig, dict(claim_unit="letters"), "claim_unit"),
     (VDCConfig, dict(question_template="is it there?"), "claim"), (CTConfig, dict(confusion_factor=0), "confusion_factor"),
-    (CTConfig, dict(rounds=0), "rounds"), (CTConfig, dict(num_trusted=-2), "num_trusted"),
+    (CTConfig, dict(rounds=-1), "rounds"), (CTConfig, dict(flag_by="fit"), "flag_by"), (CTConfig, dict(num_trusted=-2), "num_trusted"),
     (CTConfig, dict(distill=[0.2, 0.5]), "decreasing"), (CTConfig, dict(distill=[1.0]), "distill"),
     (CTConfig, dict(distill=0.5), "distill"), (CTConfig, dict(confusion_ratio=0), "confusion_ratio"),
     (AttentionPruningConfig, dict(statistic="mean"), "statistic"), (AttentionPruningConfig, dict(token_ratio=0.5), "token_ratio"),
@@ -134,7 +134,8 @@ def test_vdc_removes_captions_the_trusted_model_does_not_support(planted):
 def test_ct_flags_what_the_confused_model_still_fits(planted, small_world_data, tmp_path):
     untrusted = planted["untrusted"]
     trusted = small_world_data["train"].select(range(96, 160))  # outside the untrusted set and the trusted captioner's data
-    kept, report = get_defense("ct", flag_rate=0.05, rounds=2, epochs_per_round=1.0).cleanse(
+    # the paper's rule: what the confused model still fits (here it works; in the embedded world it flagged no poison)
+    kept, report = get_defense("ct", flag_rate=0.05, rounds=2, epochs_per_round=1.0, flag_by="loss").cleanse(
         untrusted, victim=planted["victim"], reference=planted["trusted"], trusted=trusted, recipe=RECIPE, output_dir=tmp_path,
         **planted["pairs"])
     _detected("CT", report["flagged_indices"], untrusted)
@@ -144,7 +145,8 @@ def test_ct_flags_what_the_confused_model_still_fits(planted, small_world_data, 
         get_defense("ct").cleanse(untrusted, victim=planted["victim"], **planted["pairs"])
     # scored by the image gain: the confused model still reads the trigger, not the clean images
     poisoned = np.asarray(untrusted["is_poisoned"], dtype=bool)
-    ct = get_defense("ct", flag_rate=0.05, rounds=2, epochs_per_round=1.0, flag_by="image_gain")
+    ct = get_defense("ct", flag_rate=0.05, rounds=2, epochs_per_round=1.0)
+    assert ct.config.flag_by == "image_gain"  # the default
     kept, report = ct.cleanse(untrusted, victim=planted["victim"], trusted=trusted, recipe=RECIPE, output_dir=tmp_path / "gain",
                               **planted["pairs"])
     print(f"CT image gain: median poisoned {np.median(ct.scores[poisoned]):.3f}, clean {np.median(ct.scores[~poisoned]):.3f}")

@@ -39,20 +39,21 @@ from .base import (DataCleanser, DefenseConfig, caption_losses, check_choice, ch
 class CTConfig(DefenseConfig):
     """num_trusted: trusted clean images used for confusion (0: every one passed in).
     confusion_factor: weight of a confusion sample against an untrusted one (the paper's lambda).
-    rounds, epochs_per_round: confusion training length (of each phase, with ``distill``).
+    rounds, epochs_per_round: confusion training length (of each phase, with ``distill``);
+        ``rounds=0`` scores the start model untrained (an ablation: what the confusion adds).
     learning_rate: 0 means the recipe's.
     start: "victim" (the backdoored model, default) or "reference" (the pre-attack model).
     distill: the paper's distillation, e.g. [0.5, 0.2]: one confusion phase per share, each from
         a fresh copy of the start model, after which only that share of the untrusted set (the
-        most suspicious under the confused model, by ``flag_by``) stays in training; a last phase
-        flags. Empty
-        (default): one phase on the whole untrusted set.
+        most suspicious under the confused model, by ``flag_by``) stays in training; a last
+        phase flags. Empty (default): one phase on the whole untrusted set.
     confusion_ratio: confusion samples per untrusted sample in training (1.0: as many).
-    flag_by: "loss" (the paper's "still fits": a caption loss below the clean validation tail)
-        or "image_gain" (how much the sample's own image lowers its caption loss against another
-        image's, above the clean validation tail: the confused model has unlearnt what clean
-        images say, while a trigger still speaks; a caption's loss alone is mostly the language
-        prior of its words, which the confusion captions shift too)."""
+    flag_by: "image_gain" (default): how much a sample's own image lowers its caption loss
+        against another image's, above the clean validation tail. Confusion makes the model
+        forget what clean images say while a trigger still speaks, and a caption's loss alone
+        is mostly the language prior of its words, which the confusion captions shift too.
+        "loss": the paper's "still fits", a caption loss below the clean validation tail (on
+        BadNet, Blended and VL-Trojan it flagged no poisoned sample)."""
 
     num_trusted: int = 0
     confusion_factor: float = 5.0
@@ -62,7 +63,7 @@ class CTConfig(DefenseConfig):
     start: str = "victim"
     distill: list = field(default_factory=list)
     confusion_ratio: float = 1.0
-    flag_by: str = "loss"
+    flag_by: str = "image_gain"
 
     def __post_init__(self):
         super().__post_init__()
@@ -71,7 +72,7 @@ class CTConfig(DefenseConfig):
         check_int("num_trusted", self.num_trusted, 0)
         if check_number("confusion_factor", self.confusion_factor) <= 0:
             raise ValueError(f"confusion_factor must be > 0, got {self.confusion_factor!r}")
-        check_int("rounds", self.rounds, 1)
+        check_int("rounds", self.rounds, 0)
         if check_number("epochs_per_round", self.epochs_per_round) <= 0:
             raise ValueError(f"epochs_per_round must be > 0, got {self.epochs_per_round!r}")
         if check_number("learning_rate", self.learning_rate) < 0:
