@@ -93,7 +93,7 @@ class InjectConfig(TrainingArguments):
     eval_batch_size: int = field(default=128, metadata={"help": "Batch size of caption generation at evaluation."})
     # TrainingArguments defaults that suit this job
     output_dir: str = field(default="", metadata={"help": "Default: outputs/backdoor/<attack>-<rate>."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (the paper's freeze trains a small share of a tiny model: 3e-4 left BadNet at 0% ASR)."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (the paper's freeze trains a small share of a tiny model: 3e-4 left BadNet's ASR at zero)."})
     num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the poisoned fine-tuning set."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
