@@ -35,7 +35,7 @@ from datasets import Image as HFImage
 from PIL import Image
 
 from .data.images import ensure_rgb
-from .rl.actions import MASK_COLOUR
+from .rl.actions import MASK_FILLS, paint_box
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +177,12 @@ def _mask_effects(victim, reference, scorer, images, masked_images, **common) ->
     return change, gain
 
 
-def random_masks(dataset: Dataset, like: Sequence[Sequence[Sequence[int]] | None], seed: int, masks_column: str = "srd_masks") -> Dataset:
-    """Each sample of ``dataset`` (unmasked) gets as many red squares as SRD placed on it
-    (``like``: SRD's boxes per row), of the same sizes, at uniformly drawn places (seeded)."""
+def random_masks(dataset: Dataset, like: Sequence[Sequence[Sequence[int]] | None], seed: int, masks_column: str = "srd_masks",
+                 fill: str = "red") -> Dataset:
+    """Each sample of ``dataset`` (unmasked) gets as many masks as SRD placed on it (``like``:
+    SRD's boxes per row), of the same sizes and ``fill``, at uniformly drawn places (seeded)."""
+    if fill not in MASK_FILLS:
+        raise ValueError(f"mask fill must be one of {MASK_FILLS}, got {fill!r}")
     if len(like) != len(dataset):
         raise ValueError(f"{len(like)} rows of SRD masks for {len(dataset)} samples")
     rng = np.random.default_rng([seed, 7])
@@ -191,7 +194,7 @@ def random_masks(dataset: Dataset, like: Sequence[Sequence[Sequence[int]] | None
         for x0, y0, x1, y1 in srd_boxes or []:
             side_x, side_y = x1 - x0, y1 - y0
             nx, ny = int(rng.integers(0, w - side_x + 1)), int(rng.integers(0, h - side_y + 1))
-            pixels[ny : ny + side_y, nx : nx + side_x] = MASK_COLOUR
+            paint_box(pixels, (nx, ny, nx + side_x, ny + side_y), fill)
             placed.append([nx, ny, nx + side_x, ny + side_y])
         images.append(Image.fromarray(pixels))
         boxes.append(placed)

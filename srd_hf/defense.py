@@ -67,6 +67,7 @@ from .masker import SRDMasker
 from .hub import trainer_args
 from .metrics import attack_success_rate
 from .pretraining import latest_checkpoint
+from .rl.actions import MASK_FILLS
 from .rl.env import MaskingEnvConfig, MaskingVecEnv
 from .rl.modeling_srd import SRDPolicy
 from .rl.reward import RewardConfig
@@ -132,6 +133,8 @@ class SRDConfig(TrainingArguments):
     policy_timesteps, num_envs, max_masks, obs_size, action_preset, sc_drop, lf_drop,
         reward_rule: the environment and budget. RL hyper-parameters: see ``PolicyTrainingConfig``.
     num_masks: masks the policy places per image when cleansing.
+    mask_fill: "red" (the paper's squares) or "local_mean" (each square in the mean colour of
+        what it covers: a red square can itself trigger a backdoor planted at random places).
 
     > Cleansing
     srd_flag: which samples the masks flag: "repair" (default: the victim's caption moves
@@ -187,6 +190,7 @@ class SRDConfig(TrainingArguments):
     max_masks: int = field(default=6, metadata={"help": "Masks per episode at most."})
     obs_size: int = field(default=64, metadata={"help": "Side of the policy's observation."})
     action_preset: str = field(default="paper", metadata={"help": "paper (4 sizes) or authors_code (5 sizes)."})
+    mask_fill: str = field(default="red", metadata={"help": "red (the paper's squares) or local_mean (each square in the mean colour of the pixels it covers)."})
     sc_drop: float = field(default=0.1, metadata={"help": "lambda: SC threshold of the reward."})
     lf_drop: float = field(default=0.2, metadata={"help": "beta: LF threshold of the reward."})
     reward_rule: str = field(default="paper", metadata={"help": "paper (thresholds on gains and drops) or any_gain."})
@@ -252,6 +256,8 @@ class SRDConfig(TrainingArguments):
             raise ValueError(f"retrain_recipe must be 'attack' or 'config', got {self.retrain_recipe!r}")
         if self.srd_flag not in FLAG_RULES:
             raise ValueError(f"srd_flag must be one of {FLAG_RULES}, got {self.srd_flag!r}")
+        if self.mask_fill not in MASK_FILLS:
+            raise ValueError(f"mask_fill must be one of {MASK_FILLS}, got {self.mask_fill!r}")
         if self.poisoned_captions not in CAPTION_POLICIES:
             raise ValueError(f"poisoned_captions must be one of {CAPTION_POLICIES}, got {self.poisoned_captions!r}")
         if self.eval_split not in ("test", "validation"):
@@ -333,7 +339,7 @@ class SRDConfig(TrainingArguments):
 
     def env_config(self) -> MaskingEnvConfig:
         return MaskingEnvConfig(num_envs=self.num_envs, max_masks=self.max_masks, obs_size=self.obs_size,
-                                action_preset=self.action_preset, reward=self.reward_config,
+                                action_preset=self.action_preset, mask_fill=self.mask_fill, reward=self.reward_config,
                                 max_new_tokens=self.max_new_tokens, seed=self.policy_seed)
 
 
@@ -770,9 +776,10 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     if "random_masks" in cfg.baseline_names:
         # SRD's mask count and sizes per sample, on the UNMASKED images, at uniform places
         masked_first = masked_set(cfg, inputs, first, policies[first])
-        fingerprint = fingerprints.random_masks(artifacts.recorded_hash(cfg.out / f"masked-{first}"), cfg.seed)
+        fill = policies[first].config.mask_fill
+        fingerprint = fingerprints.random_masks(artifacts.recorded_hash(cfg.out / f"masked-{first}"), cfg.seed, fill)
         datasets["random masks"] = dataset_stage(cfg.out / "random-masks", fingerprint,
-                                                 lambda: random_masks(inputs.untrusted, masked_first["srd_masks"], cfg.seed),
+                                                 lambda: random_masks(inputs.untrusted, masked_first["srd_masks"], cfg.seed, fill=fill),
                                                  "random masks")[0]
         mechanism["random masks"] = trigger_coverage(datasets["random masks"])
     if "disagreement_filter" in cfg.baseline_names:

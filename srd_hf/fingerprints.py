@@ -36,9 +36,12 @@ def scorer_names(scorer) -> dict:
 def policy(cfg, protocol: str, scorer, recipe: dict | None) -> dict:
     rl = cfg.policy_training_config().to_dict()
     rl.pop("tensorboard_dir", None)
+    env = cfg.env_config().to_dict()
+    if env.get("mask_fill") == "red":  # the fill before it was an option: policies made then stay reusable
+        env.pop("mask_fill")
     fp = {"stage": "policy", "protocol": protocol, "algorithm": cfg.algorithm, "timesteps": cfg.policy_timesteps,
           "num_policy_samples": cfg.num_policy_samples, "policy_seed": cfg.policy_seed, "rl": rl,
-          "env": cfg.env_config().to_dict(), "num_masks": cfg.num_masks, "scorer": scorer_names(scorer),
+          "env": env, "num_masks": cfg.num_masks, "scorer": scorer_names(scorer),
           "victim": source(cfg.backdoored_model), "untrusted": source(cfg.poisoned_dataset), "reference": source(cfg.clean_model)}
     if protocol == "defender":
         fp.update(defender=cfg.defender_config.to_dict(), proxy_recipe=_recipe(recipe))
@@ -55,8 +58,9 @@ def cleansed(cfg, masked_hash: str | None, scorer) -> dict:
             "max_new_tokens": cfg.max_new_tokens}
 
 
-def random_masks(masked_hash: str | None, seed: int) -> dict:
-    return {"stage": "random_masks", "images": "unmasked untrusted set", "masked": masked_hash, "seed": seed}
+def random_masks(masked_hash: str | None, seed: int, fill: str = "red") -> dict:
+    fp = {"stage": "random_masks", "images": "unmasked untrusted set", "masked": masked_hash, "seed": seed}
+    return fp if fill == "red" else {**fp, "fill": fill}  # red: as before the fill was an option
 
 
 def disagreement(cfg, scorer) -> dict:

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from datasets import load_from_disk
 
 from srd_hf.defense import SRDConfig, inject_config_for, results_table, run_pipeline
@@ -37,9 +38,41 @@ def test_config_validation(tmp_path):
                        (dict(baselines="abl"), "baselines"), (dict(seeds="0,x"), "seeds"), (dict(seeds="1,1"), "seeds"),
                        (dict(poisoned_captions="burn"), "poisoned_captions"), (dict(srd_flag="burn"), "srd_flag"), (dict(target=" "), "target"),
                        (dict(retrain_recipe="mine"), "retrain_recipe"), (dict(defender_location="left"), "location"),
-                       (dict(eval_split="train"), "eval_split")):
+                       (dict(eval_split="train"), "eval_split"), (dict(mask_fill="blue"), "mask_fill")):
         with pytest.raises(ValueError, match=match):
             SRDConfig(output_dir=str(tmp_path), **bad)
+
+
+def test_mask_fill_reaches_the_policy_env_and_random_masks_and_keeps_old_fingerprints(tmp_path):
+    from datasets import Dataset
+
+    from srd_hf import fingerprints
+    from srd_hf.cleansing import random_masks
+
+    red, mean = SRDConfig(output_dir=str(tmp_path)), SRDConfig(output_dir=str(tmp_path), mask_fill="local_mean")
+    assert mean.env_config().action_space(64).fill == "local_mean" and red.env_config().mask_fill == "red"
+
+    class Scorer:  # names only: what the fingerprint records of the SFS scorer
+        encoder_loaded, fluency_lm_loaded, alpha, lm_dtype = "enc", "lm", 0.5, "float32"
+
+    # red is the fill every policy had before the option: their fingerprints (and artifacts) stay valid
+    assert "mask_fill" not in fingerprints.policy(red, "untrusted", Scorer(), None)["env"]
+    assert fingerprints.policy(mean, "untrusted", Scorer(), None)["env"]["mask_fill"] == "local_mean"
+    assert fingerprints.random_masks("h", 0) == fingerprints.random_masks("h", 0, "red") != fingerprints.random_masks("h", 0, "local_mean")
+
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[:, :8] = 240  # left half bright, right half black
+    data = Dataset.from_dict({"image": [Image.fromarray(pixels)] * 4, "caption": ["a"] * 4})
+    boxes = [[[0, 0, 6, 6]]] * 4
+    painted = random_masks(data, boxes, seed=0, fill="local_mean")
+    for image, (box,) in zip(painted["image"], painted["srd_masks"]):
+        x0, y0, x1, y1 = box
+        area = np.asarray(image)[y0:y1, x0:x1]
+        assert len(np.unique(area.reshape(-1, 3), axis=0)) == 1  # one colour: the mean of what it covered
+        assert not (area == (255, 0, 0)).all()
+    assert (np.asarray(random_masks(data, boxes, seed=0)["image"][0])[painted["srd_masks"][0][0][1], painted["srd_masks"][0][0][0]] == (255, 0, 0)).all()
+    with pytest.raises(ValueError, match="fill"):
+        random_masks(data, boxes, seed=0, fill="blue")
 
 
 def test_seeds_get_their_own_backdoor_and_output(tmp_path):

@@ -47,6 +47,38 @@ def test_masks_land_where_the_action_says_and_accumulate():
 
 
 # ----------------------------------------------------------------------------- judge
+def test_local_mean_fill_paints_each_mask_in_the_mean_of_what_it_covers(tmp_path):
+    space = MaskActionSpace(image_size=64, fill="local_mean")
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[:, :3] = (200, 100, 0)  # the first mask (0..6 x 0..6) covers half coloured, half black
+    masked = space.apply(pixels, [0])
+    assert (masked[0:6, 0:6] == (100, 50, 0)).all()
+    assert (masked[6:] == pixels[6:]).all() and (masked[:, 6:] == pixels[:, 6:]).all() and (pixels[0, 0] == (200, 100, 0)).all()
+    assert not (masked == MASK_COLOUR).all(-1).any()  # nothing red
+    checker = np.indices((64, 64)).sum(0) % 2 * 255  # a checkerboard trigger under the mask is erased, not kept
+    flat = space.apply(np.repeat(checker[..., None], 3, -1).astype(np.uint8), [0])[0:6, 0:6]
+    assert len(np.unique(flat)) == 1
+    with pytest.raises(ValueError, match="fill"):
+        MaskActionSpace(image_size=64, fill="blue")
+    # a policy masks as it was trained; its config says so, round-trips, and a config written
+    # before the option (no mask_fill) means red
+    policy = SRDPolicy(SRDPolicyConfig(mask_fill="local_mean"))
+    policy.save_pretrained(tmp_path / "p")
+    loaded = SRDPolicy.from_pretrained(str(tmp_path / "p"))
+    assert loaded.config.mask_fill == "local_mean" and loaded.space.fill == "local_mean"
+    image = Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8))
+    out, _ = loaded.mask_images([image])
+    assert (np.asarray(out[0]) == 90).all()  # a uniform image stays itself under local-mean masks
+    with pytest.raises(ValueError, match="fill red"):
+        loaded.check_compatible(MaskActionSpace(image_size=64))
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    config.pop("mask_fill")
+    (tmp_path / "p" / "config.json").write_text(json.dumps(config))
+    assert SRDPolicy.from_pretrained(str(tmp_path / "p")).space.fill == "red"
+    with pytest.raises(ValueError, match="mask_fill"):
+        SRDPolicyConfig(mask_fill="noise")
+
+
 def test_cached_judging_equals_the_sfs_scorer(sfs_scorer):
     refs = ["a red circle in the top left corner", "a blue square", "a green ring on the right"]
     judge = CaptionJudge(sfs_scorer, refs)

@@ -93,7 +93,8 @@ class RandomMasks(DataCleanser):
         report = {"defense": self.name, "config": self.config.to_dict(), "cost": {}}
         with measure_cost(len(untrusted), report["cost"]):
             masked = untrusted.map(masker, batched=True, batch_size=256, desc="masking (SRD, for counts and sizes)")
-            randomised = random_masks(untrusted, masked["srd_masks"], self.config.seed)  # on the unmasked images
+            randomised = random_masks(untrusted, masked["srd_masks"], self.config.seed,  # on the unmasked images
+                                      fill=masker.policy.config.mask_fill)
         report.update(n_samples=len(untrusted), n_kept=len(randomised), n_flagged=0, flagged_indices=[])
         return randomised, report
 

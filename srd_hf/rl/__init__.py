@@ -1,7 +1,7 @@
 """The masking defense as reinforcement learning: actions (red squares on a grid), the reward
 (from the change of semantic consistency and fluency), the batched environment, and policies."""
 
-from .actions import ACTION_PRESETS, MASK_COLOUR, MaskActionSpace
+from .actions import ACTION_PRESETS, MASK_COLOUR, MASK_FILLS, MaskActionSpace
 from .configuration_srd import POLICY_ALGORITHMS, SRDPolicyConfig
 from .modeling_srd import SRDPolicy, observe
 from .reward import BEST_REWARD, REWARD_PRESETS, REWARD_RULES, RewardConfig, mask_reward
@@ -10,6 +10,7 @@ __all__ = [
     "ACTION_PRESETS",
     "BEST_REWARD",
     "MASK_COLOUR",
+    "MASK_FILLS",
     "MaskActionSpace",
     "POLICY_ALGORITHMS",
     "REWARD_PRESETS",

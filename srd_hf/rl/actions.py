@@ -9,6 +9,12 @@ trigger; centring gives the corners as many covering actions as the middle.)
 
 Action index = ``(size_index * grid + row) * grid + col``.
 
+A mask is painted red (the paper's) or, with ``fill="local_mean"``, in the mean colour of the
+pixels it covers. A red square can itself act as a trigger: a BadNet backdoor planted at a
+random place per image reads "a foreign square anywhere" and says its target on most clean
+images under the policy's red squares (``docs/results/random_place.md``). The local mean erases
+what the square covers, a trigger's pattern included, without adding a colour of its own.
+
 A policy travels across image sizes: on a ``width`` x ``height`` image (224 px, 640x480,
 portrait) a mask is square, its side the 224 px size scaled to the shorter side, centred in
 cell ``(row, col)`` of the grid laid over that image (cells are ``width / grid`` by
@@ -25,6 +31,21 @@ import numpy as np
 from ..data.synthetic import paper_pixels
 
 MASK_COLOUR = (255, 0, 0)
+#: how a mask is painted: the paper's red, or the mean colour of the pixels it covers
+MASK_FILLS = ("red", "local_mean")
+
+
+def paint_box(pixels: np.ndarray, box: tuple[int, int, int, int], fill: str = "red") -> None:
+    """Paint ``box`` (x0, y0, x1, y1, exclusive end) of an (H, W, 3) uint8 array in place."""
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+        return
+    if fill == "red":
+        pixels[y0:y1, x0:x1] = MASK_COLOUR
+    elif fill == "local_mean":
+        pixels[y0:y1, x0:x1] = pixels[y0:y1, x0:x1].reshape(-1, 3).mean(0).round().astype(np.uint8)
+    else:
+        raise ValueError(f"mask fill must be one of {MASK_FILLS}, got {fill!r}")
 
 #: named presets of (grid, sizes at 224 px)
 ACTION_PRESETS: dict[str, dict] = {
@@ -42,9 +63,12 @@ class MaskActionSpace:
     image_size: int = 64
     grid: int = 10
     mask_sizes: tuple[float, ...] = field(default_factory=lambda: ACTION_PRESETS["paper"]["mask_sizes"])
+    fill: str = "red"
 
     def __post_init__(self):
         self.mask_sizes = tuple(float(s) for s in self.mask_sizes)
+        if self.fill not in MASK_FILLS:
+            raise ValueError(f"mask fill must be one of {MASK_FILLS}, got {self.fill!r}")
         if self.grid < 1:
             raise ValueError(f"grid must be >= 1, got {self.grid}")
         if not self.mask_sizes or any(s <= 0 for s in self.mask_sizes):
@@ -108,12 +132,12 @@ class MaskActionSpace:
         return max(0, x0), max(0, y0), min(width, x0 + side), min(height, y0 + side)
 
     def apply(self, pixels: np.ndarray, actions) -> np.ndarray:
-        """A copy of ``pixels`` (H, W, 3) uint8 with one red square per action in ``actions``."""
+        """A copy of ``pixels`` (H, W, 3) uint8 with one mask (``fill``) per action in ``actions``,
+        painted in order (a later mask's local mean sees the earlier masks)."""
         if pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected an RGB image array (H, W, 3), got shape {pixels.shape}")
         out = pixels.copy()
         height, width = out.shape[:2]
         for action in np.atleast_1d(actions):
-            x0, y0, x1, y1 = self.box(int(action), width, height)
-            out[y0:y1, x0:x1] = MASK_COLOUR
+            paint_box(out, self.box(int(action), width, height), self.fill)
         return out

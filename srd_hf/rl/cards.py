@@ -19,6 +19,8 @@ def render_policy_card(config: SRDPolicyConfig) -> str:
         sizes=", ".join(f"{s:g}" for s in config.mask_sizes),
         n_actions=config.action_space.n,
         num_masks=config.num_masks,
+        fill="red" if config.mask_fill == "red" else "in the mean colour of what it covers",
+        fill_name=config.mask_fill,
         seed=config.seed,
         training=json.dumps({k: v for k, v in training.items() if k != "results"}, indent=2, default=str),
         results=rows,

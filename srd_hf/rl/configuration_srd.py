@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .actions import ACTION_PRESETS, MaskActionSpace
+from .actions import ACTION_PRESETS, MASK_FILLS, MaskActionSpace
 
 POLICY_ALGORITHMS = ("dqn", "ppo", "sac", "random")
 
@@ -17,6 +17,8 @@ class SRDPolicyConfig:
     image_size: the image side the action space was built for (masks scale to other sizes).
     obs_size: side of the downsampled image the network sees.
     grid, mask_sizes: the action space (mask sizes in 224 px units).
+    mask_fill: how a mask is painted: "red" (the paper's) or "local_mean" (the mean colour of
+    the pixels it covers). A policy masks as it was trained.
     num_masks: masks placed per image when the policy is applied (greedy, one after another).
     network: "spatial" (a score map per mask size, default) or "linear" (flattened CNN + linear head).
     channels, features_dim: the CNN (features_dim: linear network only).
@@ -29,6 +31,7 @@ class SRDPolicyConfig:
     obs_size: int = 64
     grid: int = ACTION_PRESETS["paper"]["grid"]
     mask_sizes: list[float] = field(default_factory=lambda: list(ACTION_PRESETS["paper"]["mask_sizes"]))
+    mask_fill: str = "red"
     num_masks: int = 1
     network: str = "spatial"
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
@@ -43,6 +46,8 @@ class SRDPolicyConfig:
             raise ValueError(f"network must be 'spatial' or 'linear', got {self.network!r}")
         if self.num_masks < 1:
             raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
+        if self.mask_fill not in MASK_FILLS:
+            raise ValueError(f"mask_fill must be one of {MASK_FILLS}, got {self.mask_fill!r}")
         if self.obs_size < 16:
             raise ValueError(f"obs_size must be >= 16 px, got {self.obs_size}")
         self.mask_sizes = [float(s) for s in self.mask_sizes]
@@ -51,7 +56,7 @@ class SRDPolicyConfig:
 
     @property
     def action_space(self) -> MaskActionSpace:
-        return MaskActionSpace(image_size=self.image_size, grid=self.grid, mask_sizes=tuple(self.mask_sizes))
+        return MaskActionSpace(image_size=self.image_size, grid=self.grid, mask_sizes=tuple(self.mask_sizes), fill=self.mask_fill)
 
     def to_dict(self) -> dict:
         return asdict(self)

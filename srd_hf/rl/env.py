@@ -23,7 +23,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from ..data.images import ensure_rgb
 from ..vlm.base import CaptioningVLM
-from .actions import ACTION_PRESETS, MaskActionSpace
+from .actions import ACTION_PRESETS, MASK_FILLS, MaskActionSpace
 from .judge import CaptionJudge
 from .modeling_srd import observe
 from .reward import BEST_REWARD, RewardConfig, mask_reward
@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 class MaskingEnvConfig:
     """num_envs: images stepped together. max_masks: masks per episode at most (K).
     obs_size: side of the policy's observation. grid / mask_sizes: the action space (224 px
-    units); ``action_preset`` "paper" or "authors_code" sets both. reward: the rule ("paper",
+    units); ``action_preset`` "paper" or "authors_code" sets both. mask_fill: "red" (the
+    paper's) or "local_mean" (``actions.MASK_FILLS``). reward: the rule ("paper",
     default, or "any_gain") and its thresholds (``RewardConfig``, or its dict).
     stop_at_best: end the episode at ``BEST_REWARD`` (+3, both scores improved) under either rule.
     max_new_tokens: the victim's decoding. episode_sampling: "uniform" draws every image
@@ -50,6 +51,7 @@ class MaskingEnvConfig:
     action_preset: str = "paper"
     grid: int | None = None
     mask_sizes: list[float] | None = None
+    mask_fill: str = "red"
     reward: RewardConfig = field(default_factory=RewardConfig)
     stop_at_best: bool = True
     max_new_tokens: int = 24
@@ -65,6 +67,8 @@ class MaskingEnvConfig:
             raise ValueError(f"episode_sampling must be 'uniform' or 'disagreement', got {self.episode_sampling!r}")
         if self.action_preset not in ACTION_PRESETS:
             raise ValueError(f"unknown action_preset {self.action_preset!r}; choose from {sorted(ACTION_PRESETS)}")
+        if self.mask_fill not in MASK_FILLS:
+            raise ValueError(f"mask_fill must be one of {MASK_FILLS}, got {self.mask_fill!r}")
 
     def action_space(self, image_size: int) -> MaskActionSpace:
         preset = ACTION_PRESETS[self.action_preset]
@@ -72,6 +76,7 @@ class MaskingEnvConfig:
             image_size=image_size,
             grid=self.grid or preset["grid"],
             mask_sizes=tuple(self.mask_sizes or preset["mask_sizes"]),
+            fill=self.mask_fill,
         )
 
     def to_dict(self) -> dict:

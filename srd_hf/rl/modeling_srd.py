@@ -97,10 +97,11 @@ class SRDPolicy(
     def check_compatible(self, space: MaskActionSpace, obs_size: int | None = None) -> None:
         """Refuse to act in an environment whose action space or observation size differs."""
         mine = self.space
-        if (mine.grid, tuple(mine.mask_sizes), mine.image_size) != (space.grid, tuple(space.mask_sizes), space.image_size):
+        if (mine.grid, tuple(mine.mask_sizes), mine.image_size, mine.fill) != (space.grid, tuple(space.mask_sizes), space.image_size, space.fill):
             raise ValueError(
-                f"policy action space (grid {mine.grid}, sizes {list(mine.mask_sizes)}, image {mine.image_size} px) "
-                f"does not match the environment's (grid {space.grid}, sizes {list(space.mask_sizes)}, image {space.image_size} px)"
+                f"policy action space (grid {mine.grid}, sizes {list(mine.mask_sizes)}, image {mine.image_size} px, fill {mine.fill}) "
+                f"does not match the environment's (grid {space.grid}, sizes {list(space.mask_sizes)}, image {space.image_size} px, "
+                f"fill {space.fill})"
             )
         if obs_size is not None and obs_size != self.config.obs_size:
             raise ValueError(f"policy sees {self.config.obs_size} px observations, the environment gives {obs_size} px")

@@ -208,7 +208,7 @@ def train_masking_policy(
     """
     policy_config = SRDPolicyConfig(
         algorithm=cfg.algorithm, image_size=env.space.image_size, obs_size=env.config.obs_size, grid=env.space.grid,
-        mask_sizes=list(env.space.mask_sizes), num_masks=num_masks, network=cfg.network, channels=list(cfg.channels),
+        mask_sizes=list(env.space.mask_sizes), mask_fill=env.space.fill, num_masks=num_masks, network=cfg.network, channels=list(cfg.channels),
         features_dim=cfg.features_dim, seed=cfg.seed,
         training={"rl": cfg.to_dict(), "env": env.config.to_dict(), **(record or {})},
     )
