@@ -136,7 +136,13 @@ def not_measurable_message(results: dict) -> str:
     control = next((row for name, row in results["rows"].items() if name.startswith("control")), {})
     message = (f"NOT MEASURABLE: the control (the same retraining on the unmasked untrusted set) reached ASR "
                f"{control.get('asr', float('nan')):.1f}% < {MEASURABLE_ASR:g}%: this retraining plants no backdoor, so no row "
-               f"below says anything about a defense. Retrain with the attacker's recipe (--retrain_recipe attack).")
+               f"below says anything about a defense. ")
+    if (results.get("retraining_recipe") or {}).get("source") == "attack":
+        # the retraining already is the attack's own: the attack itself did not plant
+        message += ("The retraining already used the attack's own recipe, so the attack did not plant here: "
+                    "a stronger recipe (more epochs, another learning rate) or another trigger is needed.")
+    else:
+        message += "Retrain with the attacker's recipe (--retrain_recipe attack)."
     if results.get("defenses_not_run"):
         message += f" The defenses were not run ({results['defenses_not_run']}; --defend_unplanted true runs them anyway)."
     return message

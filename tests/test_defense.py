@@ -217,6 +217,12 @@ def test_tables_refuse_to_call_an_unplanted_backdoor_defended():
     srd_line = next(line for line in table.splitlines() if line.startswith("| SRD"))
     assert "not measurable" in srd_line and "0.0" not in srd_line
     assert "90.0" in table  # reference rows stay as measured
+    from srd_hf.tables import not_measurable_message
+
+    # the hint names what to change: another retraining recipe, or (already the attack's own) the attack
+    assert "--retrain_recipe attack" in not_measurable_message({"rows": rows, "retraining_recipe": {"source": "config"}})
+    own = not_measurable_message({"rows": rows, "retraining_recipe": {"source": "attack", "num_train_epochs": 8}})
+    assert "--retrain_recipe attack" not in own and "the attack did not plant" in own
     rows["control (unmasked untrusted set)"]["asr"] = MEASURABLE_ASR
     assert defense_measurable(rows)
     # a defender policy trained against a proxy backdoor that never planted says so on its row
