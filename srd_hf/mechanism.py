@@ -195,7 +195,8 @@ def mask_heatmap(
 ) -> Path:
     """Write a PNG of ``coverage_map`` (clean | poisoned) and return its path.
 
-    The panels share one colour scale (0 to 1) so they compare directly. ``trigger_boxes`` (one
+    The panels share one colour scale, from 0 to the highest share on any panel, so they compare
+    directly and a diffuse map (masks or triggers spread over many places) still shows. ``trigger_boxes`` (one
     box, or one per poisoned sample) are outlined on both when there are at most
     ``MAX_OUTLINES`` distinct places; more (a trigger at a random place) get a third panel, the
     share of poisoned samples whose trigger covers each pixel, on the same scale. Drawn with
@@ -217,9 +218,11 @@ def mask_heatmap(
     fig = Figure(figsize=(4.5 * len(panels), max(3.0, 4.0 * aspect + 0.8)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels))
+    maps = [coverage_map(boxes, width, height) for _, boxes, _ in panels]
+    top = max(float(m.max()) for m in maps) or 1.0
     image = None
-    for ax, (_, boxes, title) in zip(axes, panels):
-        image = ax.imshow(coverage_map(boxes, width, height), vmin=0.0, vmax=1.0, cmap="magma",
+    for ax, (_, boxes, title), shares in zip(axes, panels, maps):
+        image = ax.imshow(shares, vmin=0.0, vmax=top, cmap="magma",
                           extent=(0, width, height, 0), interpolation="nearest")
         for x0, y0, x1, y1 in outlines:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=1.5))
