@@ -291,7 +291,8 @@ def main(config: DefendConfig, scorer=None) -> dict:
     for title, table in tables.eval_set_tables(results):
         print(f"\n{title}\n\n{table}")
     for name, d in results["detection"].items():
-        print(f"\n{name} detection (evaluation only): precision {d['precision']:.2f}, recall {d['recall']:.2f}, {d['n_flagged']} flagged")
+        print(f"\n{name} detection (evaluation only): precision {d['precision']:.2f}, recall {d['recall']:.2f}, {d['n_flagged']:.0f} flagged"
+              + (" (mean over seeds)" if len(results.get("seeds") or []) > 1 else ""))
     print("\ncost of each defense's own work (a cleanser's retraining excluded):\n\n" + tables.cost_table(results["costs"]))
     print(f"\nresults: {Path(config.output_dir) / 'results.json'}")
     return results
