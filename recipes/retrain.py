@@ -40,7 +40,7 @@ def main(config: SRDConfig) -> dict:
     for title, table in eval_set_tables(results):  # the same models on another domain
         print(f"\n{title}\n\n{table}")
     print("\nwall clock per stage (s): " + ", ".join(f"{k} {v:g}" for k, v in results["stage_seconds"].items()))
-    print(f"\nresults: {config.output_dir}/results.json")
+    print(f"\nresults: {config.output_dir}/{config.results_file}")
     if config.push_to_hub:  # after the run: the policies, private unless asked
         try:
             execute(policy_upload_plan(config), config.hub_token, saved_in=config.output_dir)
