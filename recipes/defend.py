@@ -31,7 +31,7 @@ from trl import TrlParser
 from srd_hf import artifacts, fingerprints, tables
 from srd_hf.defender import trusted_images
 from srd_hf.defense import (ScoredSet, SRDConfig, combine_seeds, command_line, control_reuses_backdoor, load_inputs, retrain,
-                            retraining_recipe, scorer_record)
+                            retraining_recipe, scorer_record, srd_folder_tag)
 from srd_hf.defenses import defense_from_dict, detection_scores, render_defense_card
 from srd_hf.distributed import on_main
 from srd_hf.stages import pipeline_scorer
@@ -53,8 +53,9 @@ class DefendConfig(SRDConfig):
     num_trusted_images: clean training images outside the untrusted set that the defender holds
         (CT's confusion reserve); 0 passes none.
     srd_results: results.json of SRD's pipeline on the same backdoor, whose SRD rows join the
-        table; "" looks for the default one (``outputs/srd/<attack>-<rate>/dqn/results.json``),
-        "none" leaves SRD out.
+        table; "" looks for the default one of ``--mask_fill``
+        (``outputs/srd/<attack>-<rate>-local_mean/dqn/results.json``, or without ``-local_mean``
+        with ``--mask_fill red``), "none" leaves SRD out.
     """
 
     defense: str = field(default="abl", metadata={"help": "Comma list of abl, vdc, ct, attention_pruning, srd, random_masks, disagreement_filter; or all."})
@@ -97,7 +98,8 @@ class DefendConfig(SRDConfig):
     def srd_results_path(self) -> Path | None:
         if self.srd_results.strip().lower() == "none":
             return None
-        path = Path(self.srd_results) if self.srd_results else Path("outputs/srd") / Path(self.backdoored_model).parent.name / "dqn" / "results.json"
+        default = Path("outputs/srd") / srd_folder_tag(Path(self.backdoored_model).parent.name, self.mask_fill) / "dqn" / "results.json"
+        path = Path(self.srd_results) if self.srd_results else default
         return path if path.is_file() or self.srd_results else None
 
 

@@ -25,9 +25,12 @@ Layout (defaults; seed s > 0 adds ``-seed<s>`` to the backdoor folder)::
 
     outputs/clean/model                                   pre-attack (clean) model
     outputs/backdoor/<attack>-<rate>/                     inject: model, poisoned_dataset, attack
-    outputs/srd/<attack>-<rate>/<algorithm>/seed-<s>/     one seed:
+    outputs/srd/<attack>-<rate>-local_mean/<algorithm>/seed-<s>/     one seed:
         policy-<protocol>/  masked-<protocol>/  cleansed-<protocol>/  retrain-<row>/  results.json
-    outputs/srd/<attack>-<rate>/<algorithm>/results.json  the table over seeds
+    outputs/srd/<attack>-<rate>-local_mean/<algorithm>/results.json  the table over seeds
+
+(``--mask_fill red``, the paper's masks, drops the ``-local_mean``: the folders of runs made
+before local mean became the default.)
 """
 
 from __future__ import annotations
@@ -86,6 +89,12 @@ RECIPE_KEYS = ("trainable", "learning_rate", "num_train_epochs", "per_device_tra
 RECIPE_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
 
+def srd_folder_tag(backdoor_tag: str, mask_fill: str) -> str:
+    """The SRD output folder's name for a backdoor's folder name: red masks (the paper's, and
+    the default before local mean) keep the backdoor's name, so earlier runs stay where they were."""
+    return backdoor_tag if mask_fill == "red" else f"{backdoor_tag}-{mask_fill}"
+
+
 def _variant(cfg) -> str:
     """Folder-name suffix for a backdoor other than the recipe's own (another target, trigger
     place or recipe), so that default folders of different backdoors never collide."""
@@ -133,8 +142,10 @@ class SRDConfig(TrainingArguments):
     policy_timesteps, num_envs, max_masks, obs_size, action_preset, sc_drop, lf_drop,
         reward_rule: the environment and budget. RL hyper-parameters: see ``PolicyTrainingConfig``.
     num_masks: masks the policy places per image when cleansing.
-    mask_fill: "red" (the paper's squares) or "local_mean" (each square in the mean colour of
-        what it covers: a red square can itself trigger a backdoor planted at random places).
+    mask_fill: "local_mean" (default: each square in the mean colour of what it covers) or
+        "red" (the paper's squares). Chosen on validation (docs/results/random_place.md): the
+        two tie where red works, and a red square can itself trigger a backdoor planted at
+        random places, where only local mean defends.
 
     > Cleansing
     srd_flag: which samples the masks flag: "repair" (default: the victim's caption moves
@@ -190,7 +201,7 @@ class SRDConfig(TrainingArguments):
     max_masks: int = field(default=6, metadata={"help": "Masks per episode at most."})
     obs_size: int = field(default=64, metadata={"help": "Side of the policy's observation."})
     action_preset: str = field(default="paper", metadata={"help": "paper (4 sizes) or authors_code (5 sizes)."})
-    mask_fill: str = field(default="red", metadata={"help": "red (the paper's squares) or local_mean (each square in the mean colour of the pixels it covers)."})
+    mask_fill: str = field(default="local_mean", metadata={"help": "local_mean (each square in the mean colour of the pixels it covers; chosen on validation) or red (the paper's squares)."})
     sc_drop: float = field(default=0.1, metadata={"help": "lambda: SC threshold of the reward."})
     lf_drop: float = field(default=0.2, metadata={"help": "beta: LF threshold of the reward."})
     reward_rule: str = field(default="paper", metadata={"help": "paper (thresholds on gains and drops) or any_gain."})
@@ -216,7 +227,7 @@ class SRDConfig(TrainingArguments):
     max_new_tokens: int = field(default=24, metadata={"help": "Caption length limit."})
     eval_batch_size: int = field(default=128, metadata={"help": "Captioning batch size."})
     # TrainingArguments defaults for retraining (those of the inject stage)
-    output_dir: str = field(default="", metadata={"help": "Default: outputs/srd/<attack>-<rate>/<algorithm>."})
+    output_dir: str = field(default="", metadata={"help": "Default: outputs/srd/<attack>-<rate>[-<mask_fill> unless red]/<algorithm>."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Retraining learning rate (retrain_recipe=config)."})
     num_train_epochs: float = field(default=3.0, metadata={"help": "Retraining epochs (retrain_recipe=config)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Retraining batch size."})
@@ -236,7 +247,7 @@ class SRDConfig(TrainingArguments):
         tag = f"{self.attack}-{self.poison_rate:g}{_variant(self)}"
         self.default_backdoor = not self.backdoored_model and not self.poisoned_dataset
         if not self.output_dir:
-            self.output_dir = f"outputs/srd/{tag}/{self.algorithm}"
+            self.output_dir = f"outputs/srd/{srd_folder_tag(tag, self.mask_fill)}/{self.algorithm}"
         if not self.backdoored_model:
             self.backdoored_model = f"outputs/backdoor/{tag}/model"
         if not self.poisoned_dataset:

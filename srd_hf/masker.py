@@ -1,7 +1,7 @@
 """``SRDMasker``: apply a masking policy to a ``datasets`` dataset (or to images before
 captioning).
 
-    masker = SRDMasker.from_pretrained("outputs/srd/badnet-0.1/dqn/policy")
+    masker = SRDMasker.from_pretrained("outputs/srd/badnet-0.1-local_mean/dqn/seed-0/policy-untrusted")
     cleansed = poisoned.map(masker, batched=True, batch_size=64)
 
 Every row is masked on its own (two captions of the same image are two samples: the image is

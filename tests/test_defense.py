@@ -11,6 +11,7 @@ from datasets import load_from_disk
 
 from srd_hf.defense import SRDConfig, inject_config_for, results_table, run_pipeline
 from srd_hf.defenses.base import detection_scores
+from srd_hf.rl.actions import paint_box
 from srd_hf.tables import MEASURABLE_ASR
 
 TINY_RUN = dict(num_policy_samples=24, policy_timesteps=64, num_envs=8, learning_starts=16, buffer_size=200,
@@ -49,8 +50,13 @@ def test_mask_fill_reaches_the_policy_env_and_random_masks_and_keeps_old_fingerp
     from srd_hf import fingerprints
     from srd_hf.cleansing import random_masks
 
-    red, mean = SRDConfig(output_dir=str(tmp_path)), SRDConfig(output_dir=str(tmp_path), mask_fill="local_mean")
+    red, mean = SRDConfig(output_dir=str(tmp_path), mask_fill="red"), SRDConfig(output_dir=str(tmp_path))
+    assert mean.mask_fill == "local_mean"  # the pipeline's default, chosen on validation
     assert mean.env_config().action_space(64).fill == "local_mean" and red.env_config().mask_fill == "red"
+    # default folders: red runs keep the backdoor's name (where runs made before the default changed are)
+    assert SRDConfig().output_dir == "outputs/srd/badnet-0.1-local_mean/dqn"
+    assert SRDConfig(mask_fill="red").output_dir == "outputs/srd/badnet-0.1/dqn"
+    assert SRDConfig(mask_fill="red", target="kite").output_dir == "outputs/srd/badnet-0.1-target=kite/dqn"
 
     class Scorer:  # names only: what the fingerprint records of the SFS scorer
         encoder_loaded, fluency_lm_loaded, alpha, lm_dtype = "enc", "lm", 0.5, "float32"
@@ -351,10 +357,12 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
     sizes = lambda boxes: sorted((b[2] - b[0], b[3] - b[1]) for m in boxes for b in m)  # noqa: E731
     assert sizes(masked["srd_masks"]) == sizes(randomised["srd_masks"])
     untrusted = load_from_disk(common["poisoned_dataset"])
+    fill = json.loads((seed_dir / "policy-untrusted" / "config.json").read_text())["mask_fill"]
+    assert fill == "local_mean"  # the pipeline's default; random masks paint as the policy does
     for k in range(0, len(untrusted), 17):  # random masks go on the UNMASKED images: nothing of SRD's masks is left
         expected = np.array(untrusted[k]["image"].convert("RGB"))
-        for x0, y0, x1, y1 in randomised[k]["srd_masks"]:
-            expected[y0:y1, x0:x1] = (255, 0, 0)
+        for box in randomised[k]["srd_masks"]:
+            paint_box(expected, tuple(box), fill)
         assert np.array_equal(np.asarray(randomised[k]["image"].convert("RGB")), expected), k
     policy_cfg = json.loads((seed_dir / "policy-defender" / "config.json").read_text())
     assert policy_cfg["training"]["defender"]["target"] == "umbrella" and "proxy_asr_validation" in policy_cfg["training"]

@@ -287,6 +287,18 @@ def _defend_recipe():
     return module
 
 
+def test_defend_finds_the_srd_results_of_its_mask_fill(tmp_path, monkeypatch):
+    recipe = _defend_recipe()
+    monkeypatch.chdir(tmp_path)
+    assert recipe.DefendConfig(defense="vdc").srd_results_path() is None  # no SRD run yet: SRD rows left out
+    for folder in ("badnet-0.1-local_mean", "badnet-0.1"):
+        (tmp_path / "outputs/srd" / folder / "dqn").mkdir(parents=True)
+        (tmp_path / "outputs/srd" / folder / "dqn/results.json").write_text("{}")
+    assert recipe.DefendConfig(defense="vdc").srd_results_path() == Path("outputs/srd/badnet-0.1-local_mean/dqn/results.json")
+    assert recipe.DefendConfig(defense="vdc", mask_fill="red").srd_results_path() == Path("outputs/srd/badnet-0.1/dqn/results.json")
+    assert recipe.DefendConfig(defense="vdc", srd_results="none").srd_results_path() is None
+
+
 def test_defend_recipe_config_errors(tmp_path):
     recipe = _defend_recipe()
     assert recipe.DefendConfig(output_dir=str(tmp_path)).defense == "abl"

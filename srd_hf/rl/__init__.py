@@ -1,4 +1,4 @@
-"""The masking defense as reinforcement learning: actions (red squares on a grid), the reward
+"""The masking defense as reinforcement learning: actions (square masks on a grid), the reward
 (from the change of semantic consistency and fluency), the batched environment, and policies."""
 
 from .actions import ACTION_PRESETS, MASK_COLOUR, MASK_FILLS, MaskActionSpace

@@ -45,7 +45,7 @@ class SRDPolicy(
     tags=["backdoor-defense", "reinforcement-learning", "srd", "image-captioning"],
     repo_url="https://github.com/srd-hf/srd-hf",
 ):
-    """Scores every mask action of an image; the best one is where the next red square goes."""
+    """Scores every mask action of an image; the best one is where the next mask goes."""
 
     def __init__(self, config: SRDPolicyConfig | dict | None = None):
         super().__init__()
