@@ -31,7 +31,7 @@ from trl import TrlParser
 from srd_hf import artifacts, fingerprints, tables
 from srd_hf.defender import trusted_images
 from srd_hf.defense import (ScoredSet, SRDConfig, combine_seeds, command_line, control_reuses_backdoor, load_inputs, retrain,
-                            retraining_recipe, scorer_record, srd_folder_tag)
+                            retraining_recipe, scorer_record, srd_output_dir)
 from srd_hf.defenses import defense_from_dict, detection_scores, render_defense_card
 from srd_hf.distributed import on_main
 from srd_hf.stages import pipeline_scorer
@@ -98,7 +98,7 @@ class DefendConfig(SRDConfig):
     def srd_results_path(self) -> Path | None:
         if self.srd_results.strip().lower() == "none":
             return None
-        default = Path("outputs/srd") / srd_folder_tag(Path(self.backdoored_model).parent.name, self.mask_fill) / "dqn" / "results.json"
+        default = Path(srd_output_dir(Path(self.backdoored_model).parent.name, self.mask_fill, "dqn")) / "results.json"
         path = Path(self.srd_results) if self.srd_results else default
         return path if path.is_file() or self.srd_results else None
 

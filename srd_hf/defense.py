@@ -89,10 +89,12 @@ RECIPE_KEYS = ("trainable", "learning_rate", "num_train_epochs", "per_device_tra
 RECIPE_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
 
-def srd_folder_tag(backdoor_tag: str, mask_fill: str) -> str:
-    """The SRD output folder's name for a backdoor's folder name: red masks (the paper's, and
-    the default before local mean) keep the backdoor's name, so earlier runs stay where they were."""
-    return backdoor_tag if mask_fill == "red" else f"{backdoor_tag}-{mask_fill}"
+def srd_output_dir(backdoor_tag: str, mask_fill: str, algorithm: str) -> str:
+    """The pipeline's default output folder for a backdoor's folder name (the one place the
+    layout is written; ``recipes/defend.py`` finds SRD's results with it). Red masks (the paper's,
+    and the default before local mean) keep the backdoor's name, so earlier runs stay where they were."""
+    tag = backdoor_tag if mask_fill == "red" else f"{backdoor_tag}-{mask_fill}"
+    return f"outputs/srd/{tag}/{algorithm}"
 
 
 def _variant(cfg) -> str:
@@ -247,7 +249,7 @@ class SRDConfig(TrainingArguments):
         tag = f"{self.attack}-{self.poison_rate:g}{_variant(self)}"
         self.default_backdoor = not self.backdoored_model and not self.poisoned_dataset
         if not self.output_dir:
-            self.output_dir = f"outputs/srd/{srd_folder_tag(tag, self.mask_fill)}/{self.algorithm}"
+            self.output_dir = srd_output_dir(tag, self.mask_fill, self.algorithm)
         if not self.backdoored_model:
             self.backdoored_model = f"outputs/backdoor/{tag}/model"
         if not self.poisoned_dataset:
