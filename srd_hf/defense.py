@@ -139,7 +139,8 @@ class SRDConfig(TrainingArguments):
     algorithm: dqn (default), ppo, sac (discrete, TorchRL) or random.
     policy_data: comma list of protocols: "untrusted" (the policy learns on the untrusted set
         itself) and/or "defender" (the paper's: against the defender's own proxy backdoor).
-    defender_*: the defender protocol (``DefenderConfig``): proxy word, trigger and its place, caption mode.
+    defender_*: the defender protocol (``DefenderConfig``): proxy word, trigger and its place, caption mode;
+        ``defender_num_train_epochs`` the proxy's own epochs.
     num_policy_samples: images of the policy's training set (the paper's 3,000).
     policy_timesteps, num_envs, max_masks, obs_size, action_preset, sc_drop, lf_drop,
         reward_rule: the environment and budget. RL hyper-parameters: see ``PolicyTrainingConfig``.
@@ -197,6 +198,7 @@ class SRDConfig(TrainingArguments):
     defender_caption_mode: str = field(default="insert", metadata={"help": "insert (the paper) or replace."})
     defender_trigger: str = field(default="noise", metadata={"help": "noise (the paper's Gaussian patch), binary_noise (full contrast) or blocks (a 3 x 3 grid of colour cells)."})
     defender_poison_rate: float = field(default=0.1, metadata={"help": "Share of the defender's samples with its trigger."})
+    defender_num_train_epochs: float = field(default=0, metadata={"help": "Epochs of the defender's proxy fine-tuning (0: the retraining recipe's). A proxy at random places needs more than one at a fixed place."})
     num_policy_samples: int = field(default=3000, metadata={"help": "Images the policy learns on."})
     policy_timesteps: int = field(default=12000, metadata={"help": "Environment transitions of policy training."})
     num_envs: int = field(default=32, metadata={"help": "Environments stepped together."})
@@ -282,6 +284,8 @@ class SRDConfig(TrainingArguments):
         self.seed_list  # validates --seeds
         self.reward_config  # validates lambda / beta
         self.defender_config  # validates the defender's settings
+        if self.defender_num_train_epochs < 0:
+            raise ValueError(f"defender_num_train_epochs must be >= 0 (0: the retraining recipe's), got {self.defender_num_train_epochs}")
 
     # ----- derived settings -------------------------------------------------------------------
     @property
@@ -507,6 +511,14 @@ def control_reuses_backdoor(cfg: SRDConfig, inputs: DefenseInputs, recipe: dict,
 
 
 # ----------------------------------------------------------------------------- policy
+def proxy_recipe(cfg: SRDConfig, recipe: dict) -> dict:
+    """The recipe that plants the defender's proxy: the retraining's, with the defender's own
+    epoch count when it sets one (its choice, checked on its own validation images)."""
+    if not cfg.defender_num_train_epochs:
+        return recipe
+    return {**recipe, "num_train_epochs": cfg.defender_num_train_epochs, "source": f"{recipe.get('source', 'config')}, defender's epochs"}
+
+
 def policy_data_for(cfg: SRDConfig, protocol: str, inputs: DefenseInputs, recipe: dict):
     """(victim, images) the policy learns on: the untrusted set against the backdoored model, or
     the defender's set against the defender's proxy model."""
@@ -536,6 +548,8 @@ def train_policy(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, *, scorer
     folder = cfg.out / f"policy-{protocol}"
     scorer = scorer or pipeline_scorer(cfg.sfs_encoder, cfg.sfs_fluency_lm)
     recipe = recipe or retraining_recipe(cfg, inputs.victim)
+    if protocol == "defender":
+        recipe = proxy_recipe(cfg, recipe)
     fingerprint = fingerprints.policy(cfg, protocol, scorer, recipe)
     if not settled(artifacts.reusable(folder, fingerprint, f"{protocol} policy")):
         victim, images, record = policy_data_for(cfg, protocol, inputs, recipe)  # every rank: the proxy is a Trainer stage
@@ -833,7 +847,7 @@ def run_one_seed(cfg: SRDConfig) -> dict:
         if isinstance(asr, (int, float)) and asr < tables.MEASURABLE_ASR:
             logger.warning("the defender's proxy backdoor did not plant (%.1f%% of triggered validation images say %r): its policy "
                            "had nothing to learn to hide, so the defender rows test no learned policy (try another --defender_target "
-                           "the model can say, e.g. one token of its vocabulary, or --defender_poison_rate)", asr, cfg.defender_target)
+                           "the model can say, e.g. one token of its vocabulary, --defender_poison_rate or --defender_num_train_epochs)", asr, cfg.defender_target)
     return record(cleansing={n: {k: v for k, v in r.items() if not k.startswith("flagged_rows")} for n, r in reports.items()},
                   detection=detection, mechanism=mechanism, costs=costs, **proxy)
 

@@ -2,6 +2,7 @@
 retrained -> table, with real (tiny) models, real datasets, real Trainer and SB3 runs."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -39,9 +40,24 @@ def test_config_validation(tmp_path):
                        (dict(baselines="abl"), "baselines"), (dict(seeds="0,x"), "seeds"), (dict(seeds="1,1"), "seeds"),
                        (dict(poisoned_captions="burn"), "poisoned_captions"), (dict(srd_flag="burn"), "srd_flag"), (dict(target=" "), "target"),
                        (dict(retrain_recipe="mine"), "retrain_recipe"), (dict(defender_location="left"), "location"),
-                       (dict(eval_split="train"), "eval_split"), (dict(mask_fill="blue"), "mask_fill")):
+                       (dict(eval_split="train"), "eval_split"), (dict(mask_fill="blue"), "mask_fill"),
+                       (dict(defender_num_train_epochs=-1), "defender_num_train_epochs")):
         with pytest.raises(ValueError, match=match):
             SRDConfig(output_dir=str(tmp_path), **bad)
+
+
+def test_defender_proxy_has_its_own_epochs_and_its_policy_is_not_reused_across_them(tmp_path):
+    from srd_hf import fingerprints
+    from srd_hf.defense import proxy_recipe
+
+    recipe = {"num_train_epochs": 2, "learning_rate": 1e-3, "trainable": "lm", "source": "attack"}
+    plain, longer = SRDConfig(output_dir=str(tmp_path)), SRDConfig(output_dir=str(tmp_path), defender_num_train_epochs=8)
+    assert proxy_recipe(plain, recipe) is recipe  # 0: the retraining's recipe, as before (old policies stay reusable)
+    own = proxy_recipe(longer, recipe)
+    assert own["num_train_epochs"] == 8 and own["learning_rate"] == 1e-3 and own["trainable"] == "lm"
+    assert recipe["num_train_epochs"] == 2  # the retraining's recipe is not touched
+    scorer = SimpleNamespace(encoder_loaded="e", fluency_lm_loaded="f", alpha=0.5, lm_dtype="float32")
+    assert fingerprints.policy(longer, "defender", scorer, own) != fingerprints.policy(plain, "defender", scorer, recipe)
 
 
 def test_mask_fill_reaches_the_policy_env_and_random_masks_and_keeps_old_fingerprints(tmp_path):
