@@ -1,4 +1,4 @@
-"""The defense table: rows over seeds (mean ± std), 95% bootstrap intervals over test images,
+"""The defense table: rows over seeds (mean ± std), 95% bootstrap intervals over seeds and test images,
 and the control rule: a defense row means something only when the control (the same
 retraining on the unmasked untrusted set) planted the backdoor.
 """
@@ -29,6 +29,26 @@ def bootstrap_interval(values: Sequence[float | None], *, n_resamples: int = 100
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
+def seeds_and_images_interval(per_seed_values: Sequence[Sequence[float | None]], *, n_resamples: int = 1000, seed: int = 0,
+                              scale: float = 1.0) -> list[float] | None:
+    """95% percentile interval of the mean over seeds and test images by a two-level bootstrap:
+    each resample draws the seeds with replacement, then the images with replacement within each
+    drawn seed. Pooling the seeds' per-image values instead would hide how much the seeds
+    disagree (a defense that fails on one seed in three would get a narrow interval around
+    its mean); with three seeds this interval is coarse, and it is as wide as the seeds differ.
+    ``None`` entries are left out; ``None`` when a seed has nothing left."""
+    arrays = [np.asarray([v for v in values if v is not None], dtype=np.float64) for values in per_seed_values]
+    if not arrays or any(a.size == 0 for a in arrays):
+        return None
+    rng = np.random.default_rng(seed)
+    # image-level bootstrap means of every seed, then seeds drawn with replacement over them
+    image_means = np.stack([a[rng.integers(0, a.size, size=(n_resamples, a.size))].mean(axis=1) for a in arrays])
+    picks = rng.integers(0, len(arrays), size=(n_resamples, len(arrays)))
+    columns = rng.integers(0, n_resamples, size=(n_resamples, len(arrays)))
+    means = image_means[picks, columns].mean(axis=1) * scale
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
 def row_intervals(row: dict, seed: int = 0) -> dict:
     """``cider_ci`` and ``asr_ci`` of one row from its ``per_image`` values."""
     per_image = row.get("per_image") or {}
@@ -52,7 +72,8 @@ def defense_measurable(rows: dict) -> bool:
 
 def aggregate_seeds(per_seed: Sequence[dict]) -> dict:
     """One table from several seeds' results: per row and metric the mean, std and the list
-    of values; ASR and CIDEr intervals bootstrap the seed-averaged per-image values."""
+    of values; ASR and CIDEr intervals bootstrap seeds and test images
+    (:func:`seeds_and_images_interval`)."""
     names = [n for n in per_seed[0]["rows"] if all(n in r["rows"] for r in per_seed)]
     rows = {}
     for name in names:
@@ -67,9 +88,8 @@ def aggregate_seeds(per_seed: Sequence[dict]) -> dict:
         per_image = [r.get("per_image") or {} for r in seed_rows]
         for key, out, scale in (("cider", "cider_ci", 1.0), ("asr_hits", "asr_ci", 100.0)):
             lists = [p.get(key) for p in per_image]
-            if all(lists) and len({len(v) for v in lists}) == 1:
-                averaged = [None if any(v[i] is None for v in lists) else float(np.mean([v[i] for v in lists])) for i in range(len(lists[0]))]
-                row[out] = bootstrap_interval(averaged, scale=scale)
+            if all(lists):
+                row[out] = seeds_and_images_interval(lists, scale=scale)
         rows[name] = row
     return rows
 

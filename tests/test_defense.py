@@ -283,6 +283,22 @@ def test_bootstrap_interval_covers_the_mean_and_skips_exclusions():
     assert bootstrap_interval([3.0] * 10) == [3.0, 3.0]
 
 
+def test_seed_intervals_widen_when_the_seeds_disagree():
+    from srd_hf.tables import aggregate_seeds, seeds_and_images_interval
+
+    # a defense that fails on one seed in three: 0%, 0%, 100% ASR on 200 test images
+    fails_once = [[0] * 200, [0] * 200, [1] * 200]
+    low, high = seeds_and_images_interval(fails_once, scale=100.0)
+    assert low == 0.0 and high == 100.0  # seeds (0, 0, 0) and (2, 2, 2) are each drawn 1 time in 27: as wide as they disagree
+    # agreeing seeds keep an image-level interval around their mean
+    agree = [[1, 0] * 100, [0, 1] * 100, [1, 1, 0, 0] * 50]
+    low, high = seeds_and_images_interval(agree, scale=100.0)
+    assert 35 < low < 50 < high < 65
+    assert seeds_and_images_interval([[1, None], [None]]) is None and seeds_and_images_interval([[2.0] * 5, [2.0] * 7]) == [2.0, 2.0]
+    rows = aggregate_seeds([{"rows": {"srd": {"asr": 100.0 * v[0], "per_image": {"asr_hits": v}}}} for v in fails_once])
+    assert rows["srd"]["asr_ci"][1] - rows["srd"]["asr_ci"][0] > 50  # the pooled per-image mean gave [33.3, 33.3]
+
+
 class _CornerPolicy:
     """A policy that always masks the bottom-right corner (where the test's trigger is), so the
     cleansing logic is tested apart from how well RL finds the trigger."""
