@@ -5,6 +5,7 @@ retraining on the unmasked untrusted set) planted the backdoor.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -31,21 +32,31 @@ def bootstrap_interval(values: Sequence[float | None], *, n_resamples: int = 100
 
 def seeds_and_images_interval(per_seed_values: Sequence[Sequence[float | None]], *, n_resamples: int = 1000, seed: int = 0,
                               scale: float = 1.0) -> list[float] | None:
-    """95% percentile interval of the mean over seeds and test images by a two-level bootstrap:
-    each resample draws the seeds with replacement, then the images with replacement within each
-    drawn seed. Pooling the seeds' per-image values instead would hide how much the seeds
-    disagree (a defense that fails on one seed in three would get a narrow interval around
-    its mean); with three seeds this interval is coarse, and it is as wide as the seeds differ.
-    ``None`` entries are left out; ``None`` when a seed has nothing left."""
-    arrays = [np.asarray([v for v in values if v is not None], dtype=np.float64) for values in per_seed_values]
-    if not arrays or any(a.size == 0 for a in arrays):
+    """95% percentile interval of the mean over seeds and test images by a two-way bootstrap:
+    each resample draws the seeds with replacement and, when every seed scored the same test
+    images (lists of one length), one draw of images shared by all seeds; otherwise each seed's
+    images are drawn apart. Pooling the seeds' per-image values instead would hide how much the
+    seeds disagree (a defense that fails on one seed in three would get a narrow interval around
+    its mean), and independent image draws per seed would shrink the image term of a model that
+    is the same in every seed. With three seeds the interval is coarse, and as wide as the seeds
+    differ. ``None`` entries are left out; ``None`` when a seed has nothing left."""
+    rows = [np.asarray([np.nan if v is None else v for v in values], dtype=np.float64) for values in per_seed_values]
+    if not rows or any(np.isnan(r).all() for r in rows):
         return None
     rng = np.random.default_rng(seed)
-    # image-level bootstrap means of every seed, then seeds drawn with replacement over them
-    image_means = np.stack([a[rng.integers(0, a.size, size=(n_resamples, a.size))].mean(axis=1) for a in arrays])
-    picks = rng.integers(0, len(arrays), size=(n_resamples, len(arrays)))
-    columns = rng.integers(0, n_resamples, size=(n_resamples, len(arrays)))
-    means = image_means[picks, columns].mean(axis=1) * scale
+    k = len(rows)
+    picks = rng.integers(0, k, size=(n_resamples, k))
+    if len({r.size for r in rows}) == 1:  # the same test images in every seed: one image draw for all
+        table = np.stack(rows)
+        n = table.shape[1]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a draw of only excluded images
+            image_means = np.stack([np.nanmean(table[:, rng.integers(0, n, size=n)], axis=1) for _ in range(n_resamples)])
+        means = np.nanmean(np.take_along_axis(image_means, picks, axis=1), axis=1) * scale
+    else:
+        kept = [r[~np.isnan(r)] for r in rows]
+        image_means = np.stack([a[rng.integers(0, a.size, size=(n_resamples, a.size))].mean(axis=1) for a in kept], axis=1)
+        means = np.take_along_axis(image_means, picks, axis=1).mean(axis=1) * scale
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 

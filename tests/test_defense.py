@@ -284,7 +284,7 @@ def test_bootstrap_interval_covers_the_mean_and_skips_exclusions():
 
 
 def test_seed_intervals_widen_when_the_seeds_disagree():
-    from srd_hf.tables import aggregate_seeds, seeds_and_images_interval
+    from srd_hf.tables import aggregate_seeds, bootstrap_interval, seeds_and_images_interval
 
     # a defense that fails on one seed in three: 0%, 0%, 100% ASR on 200 test images
     fails_once = [[0] * 200, [0] * 200, [1] * 200]
@@ -295,6 +295,10 @@ def test_seed_intervals_widen_when_the_seeds_disagree():
     low, high = seeds_and_images_interval(agree, scale=100.0)
     assert 35 < low < 50 < high < 65
     assert seeds_and_images_interval([[1, None], [None]]) is None and seeds_and_images_interval([[2.0] * 5, [2.0] * 7]) == [2.0, 2.0]
+    # a model that is the same in every seed (the clean model): the image term is not shrunk by the seed count
+    same = list(np.random.default_rng(0).normal(390, 90, size=500))
+    one, three = bootstrap_interval(same), seeds_and_images_interval([same, same, same])
+    assert abs((three[1] - three[0]) - (one[1] - one[0])) < 0.15 * (one[1] - one[0])
     rows = aggregate_seeds([{"rows": {"srd": {"asr": 100.0 * v[0], "per_image": {"asr_hits": v}}}} for v in fails_once])
     assert rows["srd"]["asr_ci"][1] - rows["srd"]["asr_ci"][0] > 50  # the pooled per-image mean gave [33.3, 33.3]
 
