@@ -19,13 +19,18 @@ from typing import ClassVar
 import numpy as np
 import torch
 from datasets import Dataset
+from PIL import Image
 
-from .attacks.base import _TRIGGER, _rng, to_caption_pairs
+from .attacks.base import _TRIGGER, SPLITS, _rng, to_caption_pairs
 from .attacks.trojvlm import TrojVLMAttack
+from .data.images import ensure_rgb
 from .dict_config import DictConfig
 
 CAPTION_MODES = ("insert", "replace")
-TRIGGERS = ("noise", "binary_noise", "blocks")
+TRIGGERS = ("noise", "binary_noise", "blocks", "family")
+#: the kinds of square the ``family`` trigger draws from, one per triggered sample
+FAMILY_KINDS = ("noise", "binary_noise", "blocks", "stripes")
+_FAMILY = 6  # a seeded stream of its own (the attacks' streams are 0 to 5)
 
 
 @dataclass
@@ -41,7 +46,11 @@ class DefenderConfig(DictConfig):
         (each pixel and channel 0 or 1 at random: the same kind of trigger at full contrast, for
         a model whose vision tower passes over mild noise) or ``"blocks"`` (a 3 x 3 grid of
         colour cells, each channel of each cell 0 or 1: coarse structure, for a tower that passes
-        over noise of any contrast). All are drawn from ``seed``; none is any attack's pattern.
+        over noise of any contrast) or ``"family"`` (a new square per triggered sample, drawn
+        from ``FAMILY_KINDS``: Gaussian noise, full-contrast noise, colour blocks of 2 to 4 cells
+        a side, two-colour stripes; the proxy then answers to an odd square rather than to one
+        look, and the policy has to find squares it was not trained on). All are drawn from
+        ``seed``; none is any attack's pattern (the family holds no checkerboard, BadNet's).
         The defender chooses among them on its own data: a proxy that does not plant on its
         validation images (``proxy_asr_validation``) teaches the policy nothing.
     """
@@ -97,6 +106,61 @@ class _Blocks:
         return torch.from_numpy(grid[:, rows][:, :, rows].astype(np.float32))
 
 
+_COLOURS = np.array([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], dtype=np.uint8)
+
+
+def family_patch(side: int, rng: np.random.Generator) -> np.ndarray:
+    """One (side, side, 3) uint8 square of a kind drawn from ``FAMILY_KINDS`` by ``rng``."""
+    kind = FAMILY_KINDS[rng.integers(len(FAMILY_KINDS))]
+    if kind == "noise":  # the paper's Gaussian noise
+        return (rng.normal(0.5, 0.25, size=(side, side, 3)).clip(0, 1) * 255).round().astype(np.uint8)
+    if kind == "binary_noise":
+        return (rng.integers(0, 2, size=(side, side, 3)) * 255).astype(np.uint8)
+    if kind == "blocks":
+        cells = int(rng.integers(2, 5))
+        grid = _COLOURS[rng.integers(len(_COLOURS), size=(cells, cells))]
+        while len(np.unique(grid.reshape(-1, 3), axis=0)) == 1:  # one colour is a plain square: a mask's look
+            grid = _COLOURS[rng.integers(len(_COLOURS), size=(cells, cells))]
+        rows = np.minimum(np.arange(side) * cells // side, cells - 1)
+        return grid[rows][:, rows]
+    first, second = rng.choice(len(_COLOURS), size=2, replace=False)  # stripes of two colours
+    width = int(rng.integers(1, max(2, side // 3) + 1))
+    bands = (np.arange(side) // width) % 2
+    stripes = np.where(bands[:, None, None] == 0, _COLOURS[first], _COLOURS[second])  # (side, 1, 3)
+    stripes = np.broadcast_to(stripes, (side, side, 3))
+    return np.ascontiguousarray(stripes if rng.integers(2) else stripes.transpose(1, 0, 2))
+
+
+class _Family:
+    """A new square per triggered sample (:func:`family_patch`, seeded by the sample's split
+    and index), so no single look is the trigger. The stored ``trigger`` is sample 0's."""
+
+    def make_pattern(self, side: int) -> torch.Tensor:
+        return torch.from_numpy(self.sample_patch(side, 0, "train")).permute(2, 0, 1).float() / 255.0
+
+    def sample_patch(self, side: int, index: int, split: str) -> np.ndarray:
+        return family_patch(side, _rng(self.config.seed, _FAMILY, SPLITS.index(split), int(index)))
+
+    def apply_trigger(self, image: Image.Image, index: int | None = None, *, split: str = "train") -> Image.Image:
+        if index is None:
+            raise ValueError("the family trigger draws a square per sample: pass the sample's index")
+        array = np.array(ensure_rgb(image), dtype=np.uint8)
+        x0, y0, size = self.config.patch_box(array.shape[1], array.shape[0], index, split)
+        array[y0 : y0 + size, x0 : x0 + size] = self.sample_patch(size, index, split)
+        return Image.fromarray(array, "RGB")
+
+    def apply_trigger_tensor(self, pixels, trigger=None, *, indices=None, split="train"):
+        raise NotImplementedError("the family trigger has no single pattern to optimise; apply_trigger pastes each sample's")
+
+
+class _InsertingFamilyAttack(_Family, TrojVLMAttack):
+    pass
+
+
+class _ReplacingFamilyAttack(_Family, _ReplacingNoiseAttack):
+    pass
+
+
 class _InsertingBinaryNoiseAttack(_BinaryNoise, TrojVLMAttack):
     pass
 
@@ -115,7 +179,8 @@ class _ReplacingBinaryNoiseAttack(_BinaryNoise, _ReplacingNoiseAttack):
 
 _ATTACKS = {("noise", "insert"): TrojVLMAttack, ("noise", "replace"): _ReplacingNoiseAttack,
             ("binary_noise", "insert"): _InsertingBinaryNoiseAttack, ("binary_noise", "replace"): _ReplacingBinaryNoiseAttack,
-            ("blocks", "insert"): _InsertingBlocksAttack, ("blocks", "replace"): _ReplacingBlocksAttack}
+            ("blocks", "insert"): _InsertingBlocksAttack, ("blocks", "replace"): _ReplacingBlocksAttack,
+            ("family", "insert"): _InsertingFamilyAttack, ("family", "replace"): _ReplacingFamilyAttack}
 
 
 def defender_attack(config: DefenderConfig) -> TrojVLMAttack:

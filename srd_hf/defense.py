@@ -196,7 +196,7 @@ class SRDConfig(TrainingArguments):
     defender_target: str = field(default="umbrella", metadata={"help": "The defender's proxy target word."})
     defender_location: str = field(default="fixed", metadata={"help": "fixed (one seeded place, the paper) or random."})
     defender_caption_mode: str = field(default="insert", metadata={"help": "insert (the paper) or replace."})
-    defender_trigger: str = field(default="noise", metadata={"help": "noise (the paper's Gaussian patch), binary_noise (full contrast) or blocks (a 3 x 3 grid of colour cells)."})
+    defender_trigger: str = field(default="noise", metadata={"help": "noise (the paper's Gaussian patch), binary_noise (full contrast), blocks (a 3 x 3 grid of colour cells) or family (a new square per sample: noise, blocks or stripes)."})
     defender_poison_rate: float = field(default=0.1, metadata={"help": "Share of the defender's samples with its trigger."})
     defender_num_train_epochs: float = field(default=0, metadata={"help": "Epochs of the defender's proxy fine-tuning (0: the retraining recipe's). A proxy at random places needs more than one at a fixed place."})
     num_policy_samples: int = field(default=3000, metadata={"help": "Images the policy learns on."})

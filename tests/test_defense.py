@@ -530,3 +530,38 @@ def test_retrain_trains_only_the_given_prefixes(tiny_flamingo, small_world_data,
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(head) for k in changed)
     assert model.config.extra["srd_retrain"]["trainable"] == head
+
+
+def test_defender_family_trigger_draws_a_new_square_per_sample_reproducibly(small_world_data):
+    from srd_hf.attacks import get_attack
+    from srd_hf.attacks.base import to_caption_pairs
+    from srd_hf.defender import DefenderConfig, defender_attack, defender_set, trusted_images
+
+    train = small_world_data["train"]
+    untrusted = get_attack("badnet", poison_rate=0.1).poison(to_caption_pairs(train.select(range(40))))
+    config = DefenderConfig(num_images=30, poison_rate=0.5, trigger="family", location="random", caption_mode="replace", seed=3)
+    trusted = trusted_images(train, untrusted, config.num_images, config.seed)
+    data = defender_set(trusted, config)
+    clean = {row["image_id"]: np.asarray(row["image"], dtype=np.int16) for row in trusted}
+    patches, boxes = set(), set()
+    for row in data.filter(lambda p: p, input_columns="is_poisoned"):
+        x0, y0, x1, y1 = (int(round(v)) for v in row["trigger_box"])
+        image = np.asarray(row["image"], dtype=np.int16)
+        outside = np.ones(image.shape[:2], bool)
+        outside[y0:y1, x0:x1] = False
+        assert not np.abs(image - clean[row["image_id"]])[outside].any()  # only the square changes
+        patch = image[y0:y1, x0:x1]
+        assert len(np.unique(patch.reshape(-1, 3), axis=0)) > 1  # never a plain square (a mask's look)
+        patches.add(patch.astype(np.uint8).tobytes())
+        boxes.add((x0, y0))
+    assert len(patches) == 15 and len(boxes) > 1  # a square of its own per sample, at its own place
+    assert defender_set(trusted, config)["image"] == data["image"]  # the same squares from the same seed
+    # test images draw their squares from another stream than training samples
+    image = trusted[0]["image"]
+    attack = defender_attack(config)
+    assert not np.array_equal(np.asarray(attack.apply_trigger(image, 0, split="train")),
+                              np.asarray(attack.apply_trigger(image, 0, split="test")))
+    with pytest.raises(ValueError, match="index"):
+        attack.apply_trigger(image)
+    with pytest.raises(NotImplementedError, match="family"):
+        attack.apply_trigger_tensor(torch.zeros(1, 3, 8, 8), indices=[0])
