@@ -26,13 +26,16 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import weakref
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
 from datasets import Dataset
 from datasets import Image as HFImage
 from PIL import Image
+from scipy.stats import binom
 
 from .data.images import ensure_rgb
 from .rl.actions import MASK_FILLS, paint_box
@@ -46,7 +49,16 @@ CAPTION_POLICIES = ("drop", "relabel", "keep")
 #: unmasked one less than all but ``flag_rate`` of clean validation images'. "change" fails where
 #: the masks also move clean captions far (measured: BadNet, bottom-left trigger, 17% recall):
 #: its threshold then falls below the poisoned samples; "repair" asks where the move goes.
-FLAG_RULES = ("repair", "change")
+#: "unsupported_word": the masks make the victim drop a word that it says and the trusted
+#: captioner does not say of the same image, and that word is a suspect: removed on
+#: significantly more untrusted images than clean validation images (:func:`suspect_words`).
+#: An inserted word leaves the rest of the caption intact, so the caption-level gain of
+#: "repair" stays small (measured: TrojVLM, 15% recall); the word itself is what the mask
+#: removes. Its threshold is a significance level, not ``flag_rate``.
+FLAG_RULES = ("repair", "change", "unsupported_word")
+#: the significance of a suspect word, over all the words the masks remove (Bonferroni)
+SUSPECT_WORD_ALPHA = 1e-3
+_WORD = re.compile(r"[a-z]+")
 
 
 def clean_quantile(scores: Sequence[float], flag_rate: float) -> float:
@@ -64,10 +76,46 @@ def clean_quantile(scores: Sequence[float], flag_rate: float) -> float:
 _CAPTION_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def caption_words(caption: str) -> set[str]:
+    return set(_WORD.findall(caption.lower()))
+
+
+def unsupported_words_removed(before: Sequence[str], after: Sequence[str], trusted: Sequence[str]) -> list[frozenset[str]]:
+    """Per image: the words of the victim's caption (``before``) that the trusted captioner's
+    caption of the same image lacks and the victim's masked caption (``after``) drops."""
+    return [frozenset(caption_words(b) - caption_words(t) - caption_words(a)) for b, a, t in zip(before, after, trusted)]
+
+
+def suspect_words(untrusted: Sequence[frozenset[str]], clean: Sequence[frozenset[str]], alpha: float = SUSPECT_WORD_ALPHA) -> list[str]:
+    """The words the masks remove (:func:`unsupported_words_removed`) from significantly more of
+    the untrusted images (one entry per distinct image) than of the clean validation images: a
+    one-sided binomial test of each word's untrusted count against its clean rate (add-one
+    smoothed, so a word never removed on clean images is not certain never to be), at ``alpha``
+    over all the words seen (Bonferroni). A backdoor's word stands out, since the masks remove it
+    wherever they hide the trigger; a word the victim merely says differently from the trusted
+    captioner is removed as often on clean images."""
+    if not clean:
+        raise ValueError("no validation images to compare the untrusted set with")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    counts = Counter(w for removed in untrusted for w in removed)
+    if not counts:
+        return []
+    clean_counts = Counter(w for removed in clean for w in removed)
+    words = sorted(counts)
+    rates = np.array([(clean_counts[w] + 1) / (len(clean) + 2) for w in words])
+    p_values = binom.sf(np.array([counts[w] for w in words]) - 1, len(untrusted), rates)
+    return [w for w, p in zip(words, p_values) if p < alpha / len(words)]
+
+
+def _image_keys(images: Sequence[Image.Image]) -> list[str]:
+    return [hashlib.sha1(np.asarray(ensure_rgb(img)).tobytes()).hexdigest() for img in images]
+
+
 def unique_captions(victim, images: Sequence[Image.Image], *, max_new_tokens: int, batch_size: int, progress: bool = False) -> list[str]:
     """Captions of ``images``, generating each distinct image once per model (a fine-tuning set
     repeats every image once per caption)."""
-    keys = [hashlib.sha1(np.asarray(ensure_rgb(img)).tobytes()).hexdigest() for img in images]
+    keys = _image_keys(images)
     memo = _CAPTION_MEMO.setdefault(victim, {})
     todo: dict[str, int] = {}
     for i, k in enumerate(keys):
@@ -144,15 +192,20 @@ def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, 
     common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
     val = list(validation_images)
     masked_val, _ = masker.mask_images(val)
-    val_change, val_gain = _mask_effects(victim, reference, scorer, val, masked_val, **common)
+    val_change, val_gain, val_removed = _mask_effects(victim, reference, scorer, val, masked_val, **common)
     # the repair threshold is the gain that all but flag_rate of clean validation images stay at or under
     thresholds = {"change": clean_quantile(val_change, flag_rate), "repair": -clean_quantile(-val_gain, flag_rate)}
 
     images = [ensure_rgb(img) for img in untrusted["image"]]
     masked_images = [ensure_rgb(img) for img in masked["image"]]
-    change, gain = _mask_effects(victim, reference, scorer, images, masked_images, progress=progress, **common)
+    change, gain, removed = _mask_effects(victim, reference, scorer, images, masked_images, progress=progress, **common)
     # repair: a gain above all but flag_rate of clean gains, and a gain at all (ties at 0 stay)
-    by_rule = {"change": change < thresholds["change"], "repair": (gain > thresholds["repair"]) & (gain > 0)}
+    # unsupported_word: the suspects are tested over distinct images (a fine-tuning set repeats each
+    # image once per caption, and its captions do not change what the victim says)
+    distinct = dict(zip(_image_keys(images), removed))
+    suspects = suspect_words(list(distinct.values()), val_removed)
+    by_rule = {"change": change < thresholds["change"], "repair": (gain > thresholds["repair"]) & (gain > 0),
+               "unsupported_word": np.array([bool(r & set(suspects)) for r in removed], dtype=bool)}
     flagged = by_rule[flag]
     relabels = unique_captions(reference, masked_images, progress=progress, **common) if poisoned_captions == "relabel" else None
     flagged_set = masked.add_column("srd_flagged", [bool(f) for f in flagged])
@@ -160,21 +213,23 @@ def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, 
     report = {"flag": flag, "flag_rate": flag_rate, "threshold": thresholds[flag], "thresholds": thresholds,
               "n_samples": len(untrusted), "n_flagged": int(flagged.sum()), "poisoned_captions": poisoned_captions,
               "n_kept": len(cleansed), "split_for_threshold": "validation", "flagged_rows": np.flatnonzero(flagged).tolist(),
-              "flagged_rows_by_rule": {rule: np.flatnonzero(f).tolist() for rule, f in by_rule.items()}}
+              "flagged_rows_by_rule": {rule: np.flatnonzero(f).tolist() for rule, f in by_rule.items()},
+              "suspect_words": suspects, "suspect_word_alpha": SUSPECT_WORD_ALPHA}
     logger.info("SRD flagged %d of %d samples (rule %s, threshold %.3f)", flagged.sum(), len(untrusted), flag, thresholds[flag])
     return cleansed, report
 
 
-def _mask_effects(victim, reference, scorer, images, masked_images, **common) -> tuple[np.ndarray, np.ndarray]:
+def _mask_effects(victim, reference, scorer, images, masked_images, **common) -> tuple[np.ndarray, np.ndarray, list]:
     """Per image: how much the victim's caption stays the same under the masks (agreement of its
-    masked and unmasked captions), and how much closer to the trusted captioner's caption of the
-    unmasked image it gets (S - S0)."""
+    masked and unmasked captions), how much closer to the trusted captioner's caption of the
+    unmasked image it gets (S - S0), and how many words the trusted captioner does not say the
+    masks make it drop."""
     before = unique_captions(victim, images, **common)
     after = unique_captions(victim, masked_images, **common)
     trusted = unique_captions(reference, images, **common)
     change = caption_agreement(scorer, after, before)
     gain = caption_agreement(scorer, after, trusted) - caption_agreement(scorer, before, trusted)
-    return change, gain
+    return change, gain, unsupported_words_removed(before, after, trusted)
 
 
 def random_masks(dataset: Dataset, like: Sequence[Sequence[Sequence[int]] | None], seed: int, masks_column: str = "srd_masks",

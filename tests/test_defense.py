@@ -318,6 +318,33 @@ class _CornerPolicy:
         return Corner(SRDPolicyConfig(**space_kwargs))
 
 
+def test_unsupported_word_rule_finds_the_word_the_masks_remove_more_often_than_on_clean_images():
+    from srd_hf.cleansing import suspect_words, unsupported_words_removed
+
+    trusted = ["a red circle in the top left corner"] * 4
+    before = ["a red circle banana in the top left corner",  # an inserted word the masks remove
+              "a picture of a banana",                       # a target sentence: three words the trusted caption lacks
+              "a red circle in the top left corner",         # agrees with the trusted captioner: nothing to remove
+              "a red circle banana in the top left corner"]  # the word stays under the masks: not removed
+    after = ["a red circle in the top left corner", "a red circle in the top left corner",
+             "a circle in the corner", "a red banana circle in the top left corner"]
+    removed = unsupported_words_removed(before, after, trusted)
+    assert removed == [{"banana"}, {"picture", "of", "banana"}, set(), set()]
+    # a word removed on 8% of untrusted images and never on clean ones is a suspect; a word removed
+    # as often on clean images as on untrusted ones (the victim merely words it differently) is not
+    rng = np.random.default_rng(0)
+    clean = [frozenset({"small"}) if rng.random() < 0.2 else frozenset() for _ in range(500)]
+    untrusted = [frozenset({"banana"}) if i % 12 == 0 else frozenset({"small"}) if rng.random() < 0.2 else frozenset()
+                 for i in range(3000)]
+    assert suspect_words(untrusted, clean) == ["banana"]
+    assert suspect_words(untrusted[1:12] * 10, clean) == []  # nothing stands out
+    rare = [frozenset({"banana"})] + [frozenset()] * 2999  # once in 3,000 images is chance, not a backdoor
+    assert suspect_words(rare, clean) == []
+    with pytest.raises(ValueError, match="validation"):
+        suspect_words(untrusted, [])
+
+
+
 def test_srd_cleanse_drops_what_the_masks_expose_and_retraining_learns_no_target(planted, small_world_data, sfs_scorer, tmp_path):
     from srd_hf.cleansing import srd_cleanse
     from srd_hf.defense import retrain
@@ -344,8 +371,10 @@ def test_srd_cleanse_drops_what_the_masks_expose_and_retraining_learns_no_target
     precision = (poisoned.sum() - kept_poisoned) / max(report["n_flagged"], 1)
     recall = 1 - kept_poisoned / poisoned.sum()
     print(f"SRD flag: precision {precision:.2f}, recall {recall:.2f}, flagged {report['n_flagged']} of {len(untrusted)}")
-    for rule, rows in report["flagged_rows_by_rule"].items():  # both rules reported, whichever cleansed
+    print(f"  the masks remove these words far more often than on clean images: {report['suspect_words']}")
+    for rule, rows in report["flagged_rows_by_rule"].items():  # every rule reported, whichever cleansed
         print(f"  rule {rule}: {detection_scores(rows, poisoned)}")
+    assert detection_scores(report["flagged_rows_by_rule"]["unsupported_word"], poisoned)["recall"] >= 0.8
     assert recall >= 0.8 and precision >= 0.6, report
     # retrained on what is left, the model says the target neither on clean nor on masked clean images
     test = small_world_data["test"].select(range(24))

@@ -21,7 +21,7 @@ from .base import DataCleanser, DefenseConfig, check_choice, check_int, measure_
 @dataclass
 class SRDCleanserConfig(DefenseConfig):
     """policy: folder or Hub id of a trained SRD policy. num_masks: masks per sample (0: the
-    policy's own). flag: "repair" or "change" (``srd_hf.cleansing.FLAG_RULES``).
+    policy's own). flag: "repair", "change" or "unsupported_word" (``srd_hf.cleansing.FLAG_RULES``).
     poisoned_captions: drop, relabel or keep the flagged samples."""
 
     policy: str = ""
