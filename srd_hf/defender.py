@@ -50,7 +50,8 @@ class DefenderConfig(DictConfig):
         from ``FAMILY_KINDS``: Gaussian noise, full-contrast noise, colour blocks of 2 to 4 cells
         a side, two-colour stripes; the proxy then answers to an odd square rather than to one
         look, and the policy has to find squares it was not trained on). All are drawn from
-        ``seed``; none is any attack's pattern (the family holds no checkerboard, BadNet's).
+        ``seed``; none is any attack's pattern (the family draws no checkerboard: a grid of blocks
+        alternates black and white only by chance, once in 8 ** (cells * cells) / 2 draws).
         The defender chooses among them on its own data: a proxy that does not plant on its
         validation images (``proxy_asr_validation``) teaches the policy nothing.
     """

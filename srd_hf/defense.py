@@ -846,9 +846,10 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     if "defender" in policies:  # the defender may check its own proxy backdoor (validation images)
         proxy["proxy_asr_validation"] = asr = policies["defender"].config.training.get("proxy_asr_validation")
         if isinstance(asr, (int, float)) and asr < tables.MEASURABLE_ASR:
-            logger.warning("the defender's proxy backdoor did not plant (%.1f%% of triggered validation images say %r): its policy "
-                           "had nothing to learn to hide, so the defender rows test no learned policy (try another --defender_target "
-                           "the model can say, e.g. one token of its vocabulary, --defender_poison_rate or --defender_num_train_epochs)", asr, cfg.defender_target)
+            logger.warning("the defender's proxy backdoor planted weakly (%.1f%% of triggered validation images say %r): its policy "
+                           "learned from that share of triggered episodes only, so check its trigger coverage (a proxy at 0%% teaches "
+                           "nothing; try another --defender_target the model can say, --defender_poison_rate or "
+                           "--defender_num_train_epochs)", asr, cfg.defender_target)
     return record(cleansing={n: {k: v for k, v in r.items() if not k.startswith("flagged_rows")} for n, r in reports.items()},
                   detection=detection, mechanism=mechanism, costs=costs, **proxy)
 

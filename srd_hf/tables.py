@@ -139,7 +139,7 @@ def results_table(results: dict) -> str:
             continue
         label = name
         if "(defender policy" in name and isinstance(proxy, (int, float)) and proxy < MEASURABLE_ASR:
-            label += f" (the defender's proxy did not plant: {proxy:.1f}% on validation)"
+            label += f" (the defender's proxy planted on only {proxy:.1f}% of validation images)"
         lines.append(f"| {label} | " + " | ".join(_cell(row, key, fmt, seeds) for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines)
 

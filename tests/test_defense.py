@@ -247,11 +247,11 @@ def test_tables_refuse_to_call_an_unplanted_backdoor_defended():
     assert "--retrain_recipe attack" not in own and "the attack did not plant" in own
     rows["control (unmasked untrusted set)"]["asr"] = MEASURABLE_ASR
     assert defense_measurable(rows)
-    # a defender policy trained against a proxy backdoor that never planted says so on its row
+    # a defender policy trained against a proxy backdoor that planted weakly (or not at all) says so on its row
     rows["SRD-dqn (defender policy)"] = {"cider": 97.0, "asr": 80.0}
     table = results_table({"rows": rows, "defense_measurable": True, "proxy_asr_validation": 3.0})
     defender_line = next(line for line in table.splitlines() if "(defender policy" in line)
-    assert "proxy did not plant: 3.0%" in defender_line and "80.0" in defender_line
+    assert "proxy planted on only 3.0% of validation images" in defender_line and "80.0" in defender_line
     assert "proxy" not in results_table({"rows": rows, "proxy_asr_validation": 75.0})
 
 
