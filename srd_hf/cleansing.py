@@ -204,6 +204,7 @@ def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, 
     # image once per caption, and its captions do not change what the victim says)
     distinct = dict(zip(_image_keys(images), removed))
     suspects = suspect_words(list(distinct.values()), val_removed)
+    thresholds["unsupported_word"] = SUSPECT_WORD_ALPHA  # a significance level over the words, not a score
     by_rule = {"change": change < thresholds["change"], "repair": (gain > thresholds["repair"]) & (gain > 0),
                "unsupported_word": np.array([bool(r & set(suspects)) for r in removed], dtype=bool)}
     flagged = by_rule[flag]

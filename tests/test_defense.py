@@ -375,6 +375,10 @@ def test_srd_cleanse_drops_what_the_masks_expose_and_retraining_learns_no_target
     for rule, rows in report["flagged_rows_by_rule"].items():  # every rule reported, whichever cleansed
         print(f"  rule {rule}: {detection_scores(rows, poisoned)}")
     assert detection_scores(report["flagged_rows_by_rule"]["unsupported_word"], poisoned)["recall"] >= 0.8
+    by_words, words_report = srd_cleanse(untrusted, masked, masker, victim, sfs_scorer, validation_images=validation, flag_rate=0.05,
+                                         poisoned_captions="drop", reference=trusted, flag="unsupported_word", max_new_tokens=8, batch_size=64)
+    assert words_report["flagged_rows"] == report["flagged_rows_by_rule"]["unsupported_word"]
+    assert len(by_words) == len(untrusted) - words_report["n_flagged"] and "banana" in words_report["suspect_words"]
     assert recall >= 0.8 and precision >= 0.6, report
     # retrained on what is left, the model says the target neither on clean nor on masked clean images
     test = small_world_data["test"].select(range(24))
