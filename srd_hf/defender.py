@@ -19,11 +19,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 from datasets import Dataset
-from PIL import Image
 
 from .attacks.base import _TRIGGER, SPLITS, _rng, to_caption_pairs
 from .attacks.trojvlm import TrojVLMAttack
-from .data.images import ensure_rgb
 from .dict_config import DictConfig
 
 CAPTION_MODES = ("insert", "replace")
@@ -52,8 +50,9 @@ class DefenderConfig(DictConfig):
         look, and the policy has to find squares it was not trained on). All are drawn from
         ``seed``; none is any attack's pattern (the family draws no checkerboard: a grid of blocks
         alternates black and white only by chance, once in 8 ** (cells * cells) / 2 draws).
-        The defender chooses among them on its own data: a proxy that does not plant on its
-        validation images (``proxy_asr_validation``) teaches the policy nothing.
+        The defender chooses among them on its own data (``proxy_asr_validation``, its proxy's
+        rate on its validation images): a proxy at 0% teaches the policy nothing, and a weak one
+        teaches it from the share of triggered episodes it answers on.
     """
 
     num_images: int = 3000
@@ -139,16 +138,10 @@ class _Family:
     def make_pattern(self, side: int) -> torch.Tensor:
         return torch.from_numpy(self.sample_patch(side, 0, "train")).permute(2, 0, 1).float() / 255.0
 
-    def sample_patch(self, side: int, index: int, split: str) -> np.ndarray:
-        return family_patch(side, _rng(self.config.seed, _FAMILY, SPLITS.index(split), int(index)))
-
-    def apply_trigger(self, image: Image.Image, index: int | None = None, *, split: str = "train") -> Image.Image:
+    def sample_patch(self, side: int, index: int | None, split: str) -> np.ndarray:
         if index is None:
             raise ValueError("the family trigger draws a square per sample: pass the sample's index")
-        array = np.array(ensure_rgb(image), dtype=np.uint8)
-        x0, y0, size = self.config.patch_box(array.shape[1], array.shape[0], index, split)
-        array[y0 : y0 + size, x0 : x0 + size] = self.sample_patch(size, index, split)
-        return Image.fromarray(array, "RGB")
+        return family_patch(side, _rng(self.config.seed, _FAMILY, SPLITS.index(split), int(index)))
 
     def apply_trigger_tensor(self, pixels, trigger=None, *, indices=None, split="train"):
         raise NotImplementedError("the family trigger has no single pattern to optimise; apply_trigger pastes each sample's")

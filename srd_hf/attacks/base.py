@@ -692,10 +692,15 @@ class PatchAttack(Attack):
         """The patch as (side, side, 3) uint8 (the stored trigger, resized nearest if needed)."""
         return _resize_nearest(_hwc(self.trigger), side, side)
 
+    def sample_patch(self, side: int, index: int | None, split: str) -> np.ndarray:
+        """The (side, side, 3) uint8 patch that sample ``index`` of ``split`` carries: the stored
+        one for every sample here; a subclass may draw one per sample."""
+        return self.patch_array(side)
+
     def apply_trigger(self, image: Image.Image, index: int | None = None, *, split: str = "train") -> Image.Image:
         array = np.array(ensure_rgb(image), dtype=np.uint8)  # a copy: the input is untouched
         x0, y0, size = self.config.patch_box(array.shape[1], array.shape[0], index, split)
-        array[y0 : y0 + size, x0 : x0 + size] = self.patch_array(size)
+        array[y0 : y0 + size, x0 : x0 + size] = self.sample_patch(size, index, split)
         return Image.fromarray(array, "RGB")
 
     def trigger_box(self, width: int, height: int, index: int | None = None, *,
