@@ -204,9 +204,10 @@ def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, 
     # image once per caption, and its captions do not change what the victim says)
     distinct = dict(zip(_image_keys(images), removed))
     suspects = suspect_words(list(distinct.values()), val_removed)
+    suspect_set = frozenset(suspects)
     thresholds["unsupported_word"] = SUSPECT_WORD_ALPHA  # a significance level over the words, not a score
     by_rule = {"change": change < thresholds["change"], "repair": (gain > thresholds["repair"]) & (gain > 0),
-               "unsupported_word": np.array([bool(r & set(suspects)) for r in removed], dtype=bool)}
+               "unsupported_word": np.array([bool(r & suspect_set) for r in removed], dtype=bool)}
     flagged = by_rule[flag]
     relabels = unique_captions(reference, masked_images, progress=progress, **common) if poisoned_captions == "relabel" else None
     flagged_set = masked.add_column("srd_flagged", [bool(f) for f in flagged])
@@ -223,8 +224,8 @@ def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, 
 def _mask_effects(victim, reference, scorer, images, masked_images, **common) -> tuple[np.ndarray, np.ndarray, list]:
     """Per image: how much the victim's caption stays the same under the masks (agreement of its
     masked and unmasked captions), how much closer to the trusted captioner's caption of the
-    unmasked image it gets (S - S0), and how many words the trusted captioner does not say the
-    masks make it drop."""
+    unmasked image it gets (S - S0), and which words the trusted captioner does not say the
+    masks make it drop (:func:`unsupported_words_removed`)."""
     before = unique_captions(victim, images, **common)
     after = unique_captions(victim, masked_images, **common)
     trusted = unique_captions(reference, images, **common)

@@ -344,7 +344,6 @@ def test_unsupported_word_rule_finds_the_word_the_masks_remove_more_often_than_o
         suspect_words(untrusted, [])
 
 
-
 def test_srd_cleanse_drops_what_the_masks_expose_and_retraining_learns_no_target(planted, small_world_data, sfs_scorer, tmp_path):
     from srd_hf.cleansing import srd_cleanse
     from srd_hf.defense import retrain
