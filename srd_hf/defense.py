@@ -140,7 +140,9 @@ class SRDConfig(TrainingArguments):
     policy_data: comma list of protocols: "untrusted" (the policy learns on the untrusted set
         itself) and/or "defender" (the paper's: against the defender's own proxy backdoor).
     defender_*: the defender protocol (``DefenderConfig``): proxy word, trigger and its place, caption mode;
-        ``defender_num_train_epochs`` the proxy's own epochs.
+        ``defender_num_train_epochs`` the proxy's own epochs; ``defender_min_proxy_asr`` /
+        ``defender_max_replants`` the re-plant rule (a proxy that barely answers teaches the
+        policy little, and the defender can see that on its own validation images).
     num_policy_samples: images of the policy's training set (the paper's 3,000).
     policy_timesteps, num_envs, max_masks, obs_size, action_preset, sc_drop, lf_drop,
         reward_rule: the environment and budget. RL hyper-parameters: see ``PolicyTrainingConfig``.
@@ -200,6 +202,8 @@ class SRDConfig(TrainingArguments):
     defender_trigger: str = field(default="noise", metadata={"help": "noise (the paper's Gaussian patch), binary_noise (full contrast), blocks (a 3 x 3 grid of colour cells) or family (a new square per sample: noise, blocks or stripes)."})
     defender_poison_rate: float = field(default=0.1, metadata={"help": "Share of the defender's samples with its trigger."})
     defender_num_train_epochs: float = field(default=0, metadata={"help": "Epochs of the defender's proxy fine-tuning (0: the retraining recipe's). A proxy at random places needs more than one at a fixed place."})
+    defender_min_proxy_asr: float = field(default=50.0, metadata={"help": "Re-plant the proxy with twice the epochs while it says its word on fewer than this % of the defender's triggered validation images (0: plant once)."})
+    defender_max_replants: int = field(default=2, metadata={"help": "Re-plants of the proxy at most; the last one is used, with a warning, if none reaches defender_min_proxy_asr."})
     num_policy_samples: int = field(default=3000, metadata={"help": "Images the policy learns on."})
     policy_timesteps: int = field(default=12000, metadata={"help": "Environment transitions of policy training."})
     num_envs: int = field(default=32, metadata={"help": "Environments stepped together."})
@@ -287,6 +291,10 @@ class SRDConfig(TrainingArguments):
         self.defender_config  # validates the defender's settings
         if self.defender_num_train_epochs < 0:
             raise ValueError(f"defender_num_train_epochs must be >= 0 (0: the retraining recipe's), got {self.defender_num_train_epochs}")
+        if not 0 <= self.defender_min_proxy_asr <= 100:
+            raise ValueError(f"defender_min_proxy_asr is a percentage in [0, 100], got {self.defender_min_proxy_asr}")
+        if self.defender_max_replants < 0:
+            raise ValueError(f"defender_max_replants must be >= 0, got {self.defender_max_replants}")
 
     # ----- derived settings -------------------------------------------------------------------
     @property
@@ -530,17 +538,42 @@ def policy_data_for(cfg: SRDConfig, protocol: str, inputs: DefenseInputs, recipe
     dcfg = cfg.defender_config
     trusted = trusted_images(inputs.world["train"], inputs.untrusted, dcfg.num_images, dcfg.seed)
     data = defender_set(trusted, dcfg)
-    proxy = fine_tune(cfg, cfg.clean_model, data, cfg.out / "defender-proxy", recipe,
-                      {"row": "defender proxy", "defender": dcfg.to_dict()},
-                      data_key={"defender": dcfg.to_dict(), "untrusted": fingerprints.source(cfg.poisoned_dataset)})
-    # the defender may check its own proxy: its word on triggered validation images
+    proxy, attempts = plant_proxy(cfg, data, recipe, inputs.validation_images)
+    record = {"defender": dcfg.to_dict(), "proxy_asr_validation": attempts[-1]["proxy_asr_validation"], "proxy_attempts": attempts}
+    return proxy, [ensure_rgb(img) for img in data["image"]], record
+
+
+def plant_proxy(cfg: SRDConfig, data: Dataset, recipe: dict, validation_images: list) -> tuple:
+    """The defender's proxy backdoor, planted in a copy of the pre-attack model. The defender
+    checks it on its own triggered validation images and, while it says its word on fewer than
+    ``defender_min_proxy_asr`` % of them, plants it again from the start with twice the epochs
+    (at most ``defender_max_replants`` times). Nothing of the attacker's is read. Returns the
+    proxy and every attempt's epochs and proxy ASR."""
     from .defender import defender_attack
 
-    triggered, _ = defender_attack(dcfg).trigger_test_images(inputs.validation_images)
-    said = proxy.generate_captions(triggered, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
-    proxy_asr = 100.0 * attack_success_rate(said, dcfg.target)["asr"]
-    logger.info("defender proxy backdoor: %.1f%% of triggered validation images say %r", proxy_asr, dcfg.target)
-    return proxy, [ensure_rgb(img) for img in data["image"]], {"defender": dcfg.to_dict(), "proxy_asr_validation": proxy_asr}
+    dcfg = cfg.defender_config
+    triggered, _ = defender_attack(dcfg).trigger_test_images(validation_images)
+    attempts = []
+    for attempt in range(cfg.defender_max_replants + 1):
+        run = recipe if attempt == 0 else {**recipe, "num_train_epochs": recipe["num_train_epochs"] * 2 ** attempt,
+                                           "source": f"{recipe.get('source', 'config')}, re-plant {attempt}"}
+        folder = cfg.out / ("defender-proxy" if attempt == 0 else f"defender-proxy-replant{attempt}")  # the first keeps its old place
+        proxy = fine_tune(cfg, cfg.clean_model, data, folder, run, {"row": "defender proxy", "defender": dcfg.to_dict()},
+                          data_key={"defender": dcfg.to_dict(), "untrusted": fingerprints.source(cfg.poisoned_dataset)})
+        said = proxy.generate_captions(triggered, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+        proxy_asr = 100.0 * attack_success_rate(said, dcfg.target)["asr"]
+        attempts.append({"num_train_epochs": run["num_train_epochs"], "proxy_asr_validation": proxy_asr})
+        logger.info("defender proxy backdoor (%s epochs): %.1f%% of triggered validation images say %r",
+                    run["num_train_epochs"], proxy_asr, dcfg.target)
+        if proxy_asr >= cfg.defender_min_proxy_asr:
+            break
+        if attempt < cfg.defender_max_replants:
+            del proxy  # one proxy in memory at a time
+            logger.info("below %.0f%%: planting the proxy again with %s epochs", cfg.defender_min_proxy_asr, recipe["num_train_epochs"] * 2 ** (attempt + 1))
+    else:
+        logger.warning("the defender's proxy stayed below %.0f%% after %d re-plants (%s): its policy learns from few answering episodes",
+                       cfg.defender_min_proxy_asr, cfg.defender_max_replants, ", ".join(f"{a['proxy_asr_validation']:.1f}%" for a in attempts))
+    return proxy, attempts
 
 
 def train_policy(cfg: SRDConfig, inputs: DefenseInputs, protocol: str, *, scorer=None, recipe: dict | None = None) -> SRDPolicy:
@@ -844,12 +877,15 @@ def run_one_seed(cfg: SRDConfig) -> dict:
     lap("evaluate_filter")
     proxy = {}
     if "defender" in policies:  # the defender may check its own proxy backdoor (validation images)
-        proxy["proxy_asr_validation"] = asr = policies["defender"].config.training.get("proxy_asr_validation")
+        training = policies["defender"].config.training
+        proxy["proxy_asr_validation"] = asr = training.get("proxy_asr_validation")
+        if training.get("proxy_attempts"):  # policies made before the re-plant rule have none
+            proxy["proxy_attempts"] = training["proxy_attempts"]
         if isinstance(asr, (int, float)) and asr < tables.MEASURABLE_ASR:
             logger.warning("the defender's proxy backdoor planted weakly (%.1f%% of triggered validation images say %r): its policy "
                            "learned from that share of triggered episodes only, so check its trigger coverage (a proxy at 0%% teaches "
-                           "nothing; try another --defender_target the model can say, --defender_poison_rate or "
-                           "--defender_num_train_epochs)", asr, cfg.defender_target)
+                           "nothing; try another --defender_target the model can say, --defender_poison_rate, "
+                           "--defender_num_train_epochs or --defender_max_replants)", asr, cfg.defender_target)
     return record(cleansing={n: {k: v for k, v in r.items() if not k.startswith("flagged_rows")} for n, r in reports.items()},
                   detection=detection, mechanism=mechanism, costs=costs, **proxy)
 
@@ -928,11 +964,12 @@ def combine_seeds(per_seed: list[dict], seeds: list[int], paths: list[str]) -> d
         return {**per_seed[0], "seeds": seeds}
     results = {k: v for k, v in per_seed[0].items() if k not in ("rows", "stage_seconds", "seed", "attack_seed", "policy_seed",
                                                                   "cleansing", "mechanism", "detection", "eval_sets",
-                                                                  "proxy_asr_validation", "costs", "fingerprint", "report")}
+                                                                  "proxy_asr_validation", "proxy_attempts", "costs", "fingerprint", "report")}
     results["costs"] = mean_over_seeds([r.get("costs") or {} for r in per_seed])
     results["detection"] = tables.mean_detection([r.get("detection") or {} for r in per_seed])
     if "proxy_asr_validation" in per_seed[0]:
         results["proxy_asr_validation"] = float(np.mean([r["proxy_asr_validation"] for r in per_seed]))
+        results["proxy_attempts_by_seed"] = {str(s): r.get("proxy_attempts") for s, r in zip(seeds, per_seed)}
     names = [n for n in per_seed[0].get("eval_sets", {}) if all(n in r.get("eval_sets", {}) for r in per_seed)]
     eval_sets = {n: [r["eval_sets"][n] for r in per_seed] for n in names}
     results["eval_sets"] = {n: {"num_test_images": sets[0]["num_test_images"], "rows": tables.aggregate_seeds(sets),

@@ -45,6 +45,8 @@ def policy(cfg, protocol: str, scorer, recipe: dict | None) -> dict:
           "victim": source(cfg.backdoored_model), "untrusted": source(cfg.poisoned_dataset), "reference": source(cfg.clean_model)}
     if protocol == "defender":
         fp.update(defender=cfg.defender_config.to_dict(), proxy_recipe=_recipe(recipe))
+        if cfg.defender_min_proxy_asr > 0:  # the re-plant rule (absent when off: policies made before it stay reusable)
+            fp["proxy_rule"] = {"min_proxy_asr": cfg.defender_min_proxy_asr, "max_replants": cfg.defender_max_replants}
     return fp
 
 

@@ -41,7 +41,8 @@ def test_config_validation(tmp_path):
                        (dict(poisoned_captions="burn"), "poisoned_captions"), (dict(srd_flag="burn"), "srd_flag"), (dict(target=" "), "target"),
                        (dict(retrain_recipe="mine"), "retrain_recipe"), (dict(defender_location="left"), "location"),
                        (dict(eval_split="train"), "eval_split"), (dict(mask_fill="blue"), "mask_fill"),
-                       (dict(defender_num_train_epochs=-1), "defender_num_train_epochs")):
+                       (dict(defender_num_train_epochs=-1), "defender_num_train_epochs"),
+                       (dict(defender_min_proxy_asr=150), "defender_min_proxy_asr"), (dict(defender_max_replants=-1), "defender_max_replants")):
         with pytest.raises(ValueError, match=match):
             SRDConfig(output_dir=str(tmp_path), **bad)
 
@@ -58,6 +59,36 @@ def test_defender_proxy_has_its_own_epochs_and_its_policy_is_not_reused_across_t
     assert recipe["num_train_epochs"] == 2  # the retraining's recipe is not touched
     scorer = SimpleNamespace(encoder_loaded="e", fluency_lm_loaded="f", alpha=0.5, lm_dtype="float32")
     assert fingerprints.policy(longer, "defender", scorer, own) != fingerprints.policy(plain, "defender", scorer, recipe)
+    # the re-plant rule is a setting of the policy: another bar, another policy; off, the old fingerprint
+    ruled = fingerprints.policy(plain, "defender", scorer, recipe)
+    assert ruled["proxy_rule"] == {"min_proxy_asr": 50.0, "max_replants": 2}
+    assert ruled != fingerprints.policy(SRDConfig(output_dir=str(tmp_path), defender_min_proxy_asr=60), "defender", scorer, recipe)
+    assert "proxy_rule" not in fingerprints.policy(SRDConfig(output_dir=str(tmp_path), defender_min_proxy_asr=0), "defender", scorer, recipe)
+
+
+@pytest.mark.slow
+def test_defender_proxy_is_planted_again_while_it_barely_answers(planted, small_world_data, tmp_path):
+    from srd_hf.defender import defender_set, trusted_images
+    from srd_hf.defense import plant_proxy, retraining_recipe
+    from srd_hf.vlm import load_captioner
+
+    def run(**rule):
+        cfg = SRDConfig(**_paths(planted, tmp_path / "srd"), **TINY_RUN, policy_data="defender", defender_poison_rate=0.5, **rule)
+        untrusted = load_from_disk(cfg.poisoned_dataset)
+        data = defender_set(trusted_images(small_world_data["train"], untrusted, cfg.num_policy_samples, cfg.policy_seed), cfg.defender_config)
+        recipe = {**retraining_recipe(cfg, load_captioner(cfg.backdoored_model)), "num_train_epochs": 1}  # too short to plant
+        validation = [img.convert("RGB") for img in small_world_data["validation"]["image"][:16]]
+        return cfg, plant_proxy(cfg, data, recipe, validation)[1]
+
+    cfg, attempts = run(defender_min_proxy_asr=100.0, defender_max_replants=1)
+    print("proxy attempts:", attempts)
+    assert [a["num_train_epochs"] for a in attempts] == [1, 2]  # below the bar: planted again from the start, twice as long
+    assert attempts[0]["proxy_asr_validation"] < 100
+    first, again = cfg.out / "defender-proxy" / "model", cfg.out / "defender-proxy-replant1" / "model"
+    assert (first / "config.json").exists() and (again / "config.json").exists()
+    stamp = (first / "model.safetensors").stat().st_mtime
+    _, once = run(defender_min_proxy_asr=0.0)  # rule off: the first proxy only, reused (same settings)
+    assert once == attempts[:1] and (first / "model.safetensors").stat().st_mtime == stamp
 
 
 def test_mask_fill_reaches_the_policy_env_and_random_masks_and_keeps_old_fingerprints(tmp_path):
@@ -434,6 +465,10 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
         assert np.array_equal(np.asarray(randomised[k]["image"].convert("RGB")), expected), k
     policy_cfg = json.loads((seed_dir / "policy-defender" / "config.json").read_text())
     assert policy_cfg["training"]["defender"]["target"] == "umbrella" and "proxy_asr_validation" in policy_cfg["training"]
+    attempts = policy_cfg["training"]["proxy_attempts"]  # the re-plant rule's record: re-planted only while below its bar
+    assert attempts[-1]["proxy_asr_validation"] == policy_cfg["training"]["proxy_asr_validation"] == results["proxy_asr_validation"]
+    assert all(a["proxy_asr_validation"] < 50 for a in attempts[:-1]) and 1 <= len(attempts) <= 3
+    assert [a["num_train_epochs"] for a in attempts] == [16 * 2 ** k for k in range(len(attempts))] == [a["num_train_epochs"] for a in results["proxy_attempts"]]
     assert "| control" in results_table(results)
     assert json.loads((out / "results.json").read_text())["rows"].keys() == rows.keys()
     # every model is scored on the shifted world too (the embedded default's second test set)
