@@ -202,7 +202,7 @@ class SRDConfig(TrainingArguments):
     defender_trigger: str = field(default="noise", metadata={"help": "noise (the paper's Gaussian patch), binary_noise (full contrast), blocks (a 3 x 3 grid of colour cells) or family (a new square per sample: noise, blocks or stripes)."})
     defender_poison_rate: float = field(default=0.1, metadata={"help": "Share of the defender's samples with its trigger."})
     defender_num_train_epochs: float = field(default=0, metadata={"help": "Epochs of the defender's proxy fine-tuning (0: the retraining recipe's). A proxy at random places needs more than one at a fixed place."})
-    defender_min_proxy_asr: float = field(default=50.0, metadata={"help": "Re-plant the proxy with twice the epochs while it says its word on fewer than this % of the defender's triggered validation images (0: plant once)."})
+    defender_min_proxy_asr: float = field(default=50.0, metadata={"help": "Re-plant the proxy with twice the epochs while it says its word on fewer than this percentage of the defender's triggered validation images (0: plant once)."})
     defender_max_replants: int = field(default=2, metadata={"help": "Re-plants of the proxy at most; the last one is used, with a warning, if none reaches defender_min_proxy_asr."})
     num_policy_samples: int = field(default=3000, metadata={"help": "Images the policy learns on."})
     policy_timesteps: int = field(default=12000, metadata={"help": "Environment transitions of policy training."})
