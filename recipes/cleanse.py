@@ -4,7 +4,7 @@
     python recipes/cleanse.py --attack badnet --poisoned_captions relabel
 
 Per protocol and seed: ``<output_dir>/seed-<s>/masked-<protocol>`` (every sample, a ``srd_masks``
-column) and ``cleansed-<protocol>`` (the samples whose victim caption the masks repair, ``--srd_flag``, are
+column) and ``cleansed-<protocol>`` (the samples the flag finds, ``--srd_flag``: by default those whose caption loses a suspect word once masked, are
 dropped or relabelled, ``--poisoned_captions``), with a report beside it. Trains a missing policy.
 """
 

@@ -7,7 +7,7 @@
 With no arguments, on the embedded world: pretrain the clean model (outputs/clean), plant
 BadNet at 10% with recipes/configs/inject_badnet.yaml (outputs/backdoor/badnet-0.1), train a
 DQN masking policy against the backdoored model, mask the poisoned fine-tuning set, drop the
-samples whose victim caption the masks repair (``--srd_flag``), retrain with the recipe that planted the
+samples whose caption loses a suspect word once masked (``--srd_flag``), retrain with the recipe that planted the
 backdoor, and print clean model, no defense, control, SRD, the disagreement filter and the
 inference-time filter (random masks with ``--baselines random_masks,disagreement_filter``), on
 the test split and on the shifted world (another domain, never trained on). Every stage that already has its artifact is reused, and a

@@ -172,13 +172,13 @@ def apply_caption_policy(dataset: Dataset, flagged: np.ndarray, policy: str, rel
 
 
 def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, validation_images: Sequence[Image.Image],
-                flag_rate: float, poisoned_captions: str = "drop", reference=None, flag: str = "repair", max_new_tokens: int = 24,
+                flag_rate: float, poisoned_captions: str = "drop", reference=None, flag: str = "unsupported_word", max_new_tokens: int = 24,
                 batch_size: int = 128, progress: bool = False) -> tuple[Dataset, dict]:
     """SRD's cleansed set and a report (thresholds, counts, the rows each rule flags).
 
     ``masked`` is ``untrusted`` with the policy's masks (``masker``, an
     :class:`~srd_hf.masker.SRDMasker`, applied row by row). ``flag`` (see :data:`FLAG_RULES`)
-    says which samples are flagged; both rules are computed and reported (``flagged_rows_by_rule``)
+    says which samples are flagged; every rule is computed and reported (``flagged_rows_by_rule``)
     so the evaluation can compare them on one run. ``poisoned_captions`` says what happens to
     flagged samples; ``reference`` is the trusted captioner (the repair rule's yardstick, and
     ``relabel``'s captions of the masked image).

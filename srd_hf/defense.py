@@ -153,10 +153,13 @@ class SRDConfig(TrainingArguments):
         random places, where only local mean defends.
 
     > Cleansing
-    srd_flag: which samples the masks flag: "repair" (default: the victim's caption moves
-        towards the trusted captioner's once masked), "change" (it moves at all) or
-        "unsupported_word" (the masks make it drop a word the trusted captioner does not say);
-        see ``srd_hf.cleansing.FLAG_RULES``. All are reported; this one cleanses.
+    srd_flag: which samples the masks flag: "unsupported_word" (default: the masks make the
+        victim drop a word the trusted captioner does not say of the image, and that word is
+        dropped on significantly more untrusted than clean validation images), "repair" (the
+        victim's caption moves towards the trusted captioner's once masked; the default until
+        2026-12-08) or "change" (it moves at all); see ``srd_hf.cleansing.FLAG_RULES``. All are
+        reported; this one cleanses. The word rule was chosen on the flag's precision and recall
+        on the untrusted sets of four runs (docs/results/flag.md), never on test.
     poisoned_captions: what happens to the flagged samples:
         "drop" (default), "relabel" (the clean model's caption of the masked image) or "keep"
         (the old behaviour: teaches the mask as a new trigger).
@@ -222,7 +225,7 @@ class SRDConfig(TrainingArguments):
     gamma: float = field(default=0.5, metadata={"help": "Discount (low: the first masks must do the job)."})
     num_masks: int = field(default=1, metadata={"help": "Masks per image when cleansing."})
     policy_seed: int = field(default=0, metadata={"help": "Seed of the policy's data, environment and training."})
-    srd_flag: str = field(default="repair", metadata={"help": "repair (masks move the victim's caption towards the trusted one), change, or unsupported_word (masks make it drop a word the trusted captioner does not say)."})
+    srd_flag: str = field(default="unsupported_word", metadata={"help": "unsupported_word (masks make the victim drop a word the trusted captioner does not say, and that word is dropped far more often than on clean images), repair (masks move the victim's caption towards the trusted one) or change."})
     poisoned_captions: str = field(default="drop", metadata={"help": "drop, relabel or keep the samples the masks flag."})
     flag_rate: float = field(default=0.02, metadata={"help": "Share of clean validation images flagged: sets the thresholds."})
     defend_unplanted: bool = field(default=False, metadata={"help": "Run the policy, cleansing and retrainings even when the control did not plant the backdoor (their rows then say nothing)."})

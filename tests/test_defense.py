@@ -404,11 +404,12 @@ def test_srd_cleanse_drops_what_the_masks_expose_and_retraining_learns_no_target
     print(f"  the masks remove these words far more often than on clean images: {report['suspect_words']}")
     for rule, rows in report["flagged_rows_by_rule"].items():  # every rule reported, whichever cleansed
         print(f"  rule {rule}: {detection_scores(rows, poisoned)}")
-    assert detection_scores(report["flagged_rows_by_rule"]["unsupported_word"], poisoned)["recall"] >= 0.8
-    by_words, words_report = srd_cleanse(untrusted, masked, masker, victim, sfs_scorer, validation_images=validation, flag_rate=0.05,
-                                         poisoned_captions="drop", reference=trusted, flag="unsupported_word", max_new_tokens=8, batch_size=64)
-    assert words_report["flagged_rows"] == report["flagged_rows_by_rule"]["unsupported_word"]
-    assert len(by_words) == len(untrusted) - words_report["n_flagged"] and "banana" in words_report["suspect_words"]
+    assert report["flag"] == "unsupported_word" and report["flagged_rows"] == report["flagged_rows_by_rule"]["unsupported_word"]  # the default
+    assert "banana" in report["suspect_words"]
+    by_repair, repair_report = srd_cleanse(untrusted, masked, masker, victim, sfs_scorer, validation_images=validation, flag_rate=0.05,
+                                           poisoned_captions="drop", reference=trusted, flag="repair", max_new_tokens=8, batch_size=64)
+    assert repair_report["flagged_rows"] == report["flagged_rows_by_rule"]["repair"]  # the other rules cleanse as reported
+    assert len(by_repair) == len(untrusted) - repair_report["n_flagged"]
     assert recall >= 0.8 and precision >= 0.6, report
     # retrained on what is left, the model says the target neither on clean nor on masked clean images
     test = small_world_data["test"].select(range(24))
@@ -444,7 +445,8 @@ def test_pipeline_end_to_end_and_reuse(planted, tmp_path):
     for name in ("srd (untrusted policy)", "srd (defender policy)", "disagreement filter"):  # evaluation reads is_poisoned
         quality = results["detection"][name]
         assert 0 <= quality["precision"] <= 1 and 0 <= quality["recall"] <= 1 and quality["n_poisoned"] == 60, name
-    assert {"srd (untrusted policy), repair rule (cleansed)", "srd (untrusted policy), change rule"} <= set(results["detection"])
+    assert {"srd (untrusted policy), unsupported_word rule (cleansed)", "srd (untrusted policy), repair rule",
+            "srd (untrusted policy), change rule"} <= set(results["detection"])  # the default flag cleanses; every rule is reported
     seed_dir = out / "seed-0"
     for path in ("policy-untrusted/config.json", "policy-defender/model.safetensors", "cleansed-untrusted/dataset_info.json",
                  "masked-defender/dataset_info.json", "random-masks/dataset_info.json", "disagreement-filter/dataset_info.json",

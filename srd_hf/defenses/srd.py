@@ -3,7 +3,7 @@
 the pipeline's own functions; nothing is reimplemented here.
 
 - ``srd``: a trained masking policy's masks on every sample; samples whose victim caption
-  the masks repair (or change, ``flag``) are dropped or relabelled (:func:`srd_hf.cleansing.srd_cleanse`).
+  the masks expose (a suspect word dropped, or the caption repaired or changed: ``flag``) are dropped or relabelled (:func:`srd_hf.cleansing.srd_cleanse`).
 - ``random_masks``: as many masks per sample as the policy placed, of the same sizes, at
   uniform places (:func:`srd_hf.cleansing.random_masks`): the masked set is the result.
 - ``disagreement_filter``: drop samples whose victim caption disagrees with the trusted
@@ -21,12 +21,12 @@ from .base import DataCleanser, DefenseConfig, check_choice, check_int, measure_
 @dataclass
 class SRDCleanserConfig(DefenseConfig):
     """policy: folder or Hub id of a trained SRD policy. num_masks: masks per sample (0: the
-    policy's own). flag: "repair", "change" or "unsupported_word" (``srd_hf.cleansing.FLAG_RULES``).
+    policy's own). flag: "unsupported_word" (default), "repair" or "change" (``srd_hf.cleansing.FLAG_RULES``).
     poisoned_captions: drop, relabel or keep the flagged samples."""
 
     policy: str = ""
     num_masks: int = 0
-    flag: str = "repair"
+    flag: str = "unsupported_word"
     poisoned_captions: str = "drop"
 
     def __post_init__(self):
