@@ -56,7 +56,6 @@ from transformers.trainer_utils import SchedulerType
 
 from . import artifacts, fingerprints, tables
 from .attacks import load_attack
-from .attacks.base import Attack
 from .cleansing import CAPTION_POLICIES, FLAG_RULES, disagreement_filter, random_masks, srd_cleanse, with_images
 from .cost import combine, mean_over_seeds, measure_cost
 from .data.images import ensure_rgb
@@ -517,7 +516,7 @@ def control_reuses_backdoor(cfg: SRDConfig, inputs: DefenseInputs, recipe: dict,
     backdoor = inputs.victim.metadata.get("backdoor") or {}
     recorded = backdoor.get("recipe") or {}
     same_recipe = recipe.get("source") == "attack" and all(recorded.get(k) == recipe.get(k) for k in RECIPE_KEYS if k in recorded)
-    plain_loss = type(inputs.attack).make_loss is Attack.make_loss
+    plain_loss = inputs.attack.trains_with_plain_loss()
     return (start == "pre_attack" and same_recipe and bool(recorded) and plain_loss
             and backdoor.get("clean_model") in (None, cfg.clean_model))
 

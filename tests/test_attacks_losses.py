@@ -162,6 +162,21 @@ def test_trojvlm_loss_module_on_the_tiny_model(tiny_flamingo, batch):
     assert grads and all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
 
 
+def test_trojvlm_without_its_semantic_term_is_the_plain_loss(tiny_flamingo, batch):
+    # the pipeline reuses the inject run as the control only when the attack's loss is the plain one
+    assert get_attack("trojvlm", semantic_weight=0).trains_with_plain_loss()
+    assert not get_attack("trojvlm").trains_with_plain_loss() and not get_attack("vlood").trains_with_plain_loss()
+    assert get_attack("badnet").trains_with_plain_loss()
+    tiny_flamingo.set_trainable()
+    params = [p for p in tiny_flamingo.parameters() if p.requires_grad]
+    loss, _ = get_attack("trojvlm", semantic_weight=0).make_loss()(tiny_flamingo, batch)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    plain = tiny_flamingo(**{k: v for k, v in batch.items() if k != "is_poisoned"}).loss
+    plain_grads = torch.autograd.grad(plain, params, allow_unused=True)
+    assert torch.equal(loss, plain)  # exactly, not approximately: the same training run
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
 def test_vlood_loss_module_with_a_frozen_teacher(tiny_flamingo, batch):
     teacher = copy.deepcopy(tiny_flamingo)
     tiny_flamingo.set_trainable()

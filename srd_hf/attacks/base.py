@@ -604,6 +604,11 @@ class Attack:
         ``None`` means the plain captioning loss (``model(**inputs).loss``)."""
         return None
 
+    def trains_with_plain_loss(self) -> bool:
+        """Whether the attack's objective is the plain captioning loss, so that a defender's
+        plain retraining on the same data repeats the inject run exactly."""
+        return type(self).make_loss is Attack.make_loss
+
     # ----- save / load ---------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {} if self.trigger is None else {"trigger": self.trigger}

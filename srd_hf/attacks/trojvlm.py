@@ -147,5 +147,9 @@ class TrojVLMAttack(PatchAttack):
     def make_loss(self, **kwargs) -> TrojVLMLoss:
         return TrojVLMLoss(semantic_weight=kwargs.pop("semantic_weight", self.config.semantic_weight), **kwargs)
 
+    def trains_with_plain_loss(self) -> bool:
+        # lm_loss + 0 * semantic: the same loss and gradients as the plain captioning loss
+        return self.config.semantic_weight == 0
+
 
 __all__ = ["TrojVLMAttack", "TrojVLMConfig", "TrojVLMLoss", "trojvlm_semantic_loss", "gaussian_patch", "shifted"]
