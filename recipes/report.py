@@ -78,7 +78,8 @@ def section(path: Path) -> str:
     if results.get("proxy_asr_validation") is not None:
         lines += [f"The defender's proxy backdoor says its word on {_fmt(results['proxy_asr_validation'], 1)}% of triggered "
                   "validation images (the defender's own check; below 50% its policy has nothing to learn from).", ""]
-        attempts = results.get("proxy_attempts_by_seed") or ({"0": results["proxy_attempts"]} if results.get("proxy_attempts") else {})
+        attempts = results.get("proxy_attempts_by_seed") or ({str(results.get("seed", 0)): results["proxy_attempts"]}
+                                                              if results.get("proxy_attempts") else {})
         for seed, tries in attempts.items():
             if tries:
                 lines += [f"- seed {seed}: proxy planted " + ", then ".join(f"{a['num_train_epochs']:g} epochs ({a['proxy_asr_validation']:.1f}%)"

@@ -56,6 +56,8 @@ CAPTION_POLICIES = ("drop", "relabel", "keep")
 #: "repair" stays small (measured: TrojVLM, 15% recall); the word itself is what the mask
 #: removes. Its threshold is a significance level, not ``flag_rate``.
 FLAG_RULES = ("repair", "change", "unsupported_word")
+#: the rule that cleanses unless told otherwise (chosen in docs/results/flag.md)
+DEFAULT_FLAG = "unsupported_word"
 #: the significance of a suspect word, over all the words the masks remove (Bonferroni)
 SUSPECT_WORD_ALPHA = 1e-3
 _WORD = re.compile(r"[a-z]+")
@@ -172,7 +174,7 @@ def apply_caption_policy(dataset: Dataset, flagged: np.ndarray, policy: str, rel
 
 
 def srd_cleanse(untrusted: Dataset, masked: Dataset, masker, victim, scorer, *, validation_images: Sequence[Image.Image],
-                flag_rate: float, poisoned_captions: str = "drop", reference=None, flag: str = "unsupported_word", max_new_tokens: int = 24,
+                flag_rate: float, poisoned_captions: str = "drop", reference=None, flag: str = DEFAULT_FLAG, max_new_tokens: int = 24,
                 batch_size: int = 128, progress: bool = False) -> tuple[Dataset, dict]:
     """SRD's cleansed set and a report (thresholds, counts, the rows each rule flags).
 

@@ -56,7 +56,7 @@ from transformers.trainer_utils import SchedulerType
 
 from . import artifacts, fingerprints, tables
 from .attacks import load_attack
-from .cleansing import CAPTION_POLICIES, FLAG_RULES, disagreement_filter, random_masks, srd_cleanse, with_images
+from .cleansing import CAPTION_POLICIES, DEFAULT_FLAG, FLAG_RULES, disagreement_filter, random_masks, srd_cleanse, with_images
 from .cost import combine, mean_over_seeds, measure_cost
 from .data.images import ensure_rgb
 from .defenses.base import detection_scores
@@ -224,7 +224,7 @@ class SRDConfig(TrainingArguments):
     gamma: float = field(default=0.5, metadata={"help": "Discount (low: the first masks must do the job)."})
     num_masks: int = field(default=1, metadata={"help": "Masks per image when cleansing."})
     policy_seed: int = field(default=0, metadata={"help": "Seed of the policy's data, environment and training."})
-    srd_flag: str = field(default="unsupported_word", metadata={"help": "unsupported_word (masks make the victim drop a word the trusted captioner does not say, and that word is dropped far more often than on clean images), repair (masks move the victim's caption towards the trusted one) or change."})
+    srd_flag: str = field(default=DEFAULT_FLAG, metadata={"help": "unsupported_word (masks make the victim drop a word the trusted captioner does not say, and that word is dropped far more often than on clean images), repair (masks move the victim's caption towards the trusted one) or change."})
     poisoned_captions: str = field(default="drop", metadata={"help": "drop, relabel or keep the samples the masks flag."})
     flag_rate: float = field(default=0.02, metadata={"help": "Share of clean validation images flagged: sets the thresholds."})
     defend_unplanted: bool = field(default=False, metadata={"help": "Run the policy, cleansing and retrainings even when the control did not plant the backdoor (their rows then say nothing)."})
@@ -557,6 +557,9 @@ def plant_proxy(cfg: SRDConfig, data: Dataset, recipe: dict, validation_images: 
     triggered, _ = defender_attack(dcfg).trigger_test_images(validation_images)
     attempts = []
     for attempt in range(cfg.defender_max_replants + 1):
+        if attempt:
+            del proxy  # one proxy in memory at a time
+            logger.info("below %.0f%%: planting the proxy again with twice the epochs", cfg.defender_min_proxy_asr)
         run = recipe if attempt == 0 else {**recipe, "num_train_epochs": recipe["num_train_epochs"] * 2 ** attempt,
                                            "source": f"{recipe.get('source', 'config')}, re-plant {attempt}"}
         folder = cfg.out / ("defender-proxy" if attempt == 0 else f"defender-proxy-replant{attempt}")  # the first keeps its old place
@@ -569,9 +572,6 @@ def plant_proxy(cfg: SRDConfig, data: Dataset, recipe: dict, validation_images: 
                     run["num_train_epochs"], proxy_asr, dcfg.target)
         if proxy_asr >= cfg.defender_min_proxy_asr:
             break
-        if attempt < cfg.defender_max_replants:
-            del proxy  # one proxy in memory at a time
-            logger.info("below %.0f%%: planting the proxy again with %s epochs", cfg.defender_min_proxy_asr, recipe["num_train_epochs"] * 2 ** (attempt + 1))
     else:
         logger.warning("the defender's proxy stayed below %.0f%% after %d re-plants (%s): its policy learns from few answering episodes",
                        cfg.defender_min_proxy_asr, cfg.defender_max_replants, ", ".join(f"{a['proxy_asr_validation']:.1f}%" for a in attempts))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cleansing import CAPTION_POLICIES, FLAG_RULES, disagreement_filter, random_masks, srd_cleanse
+from ..cleansing import CAPTION_POLICIES, DEFAULT_FLAG, FLAG_RULES, disagreement_filter, random_masks, srd_cleanse
 from .base import DataCleanser, DefenseConfig, check_choice, check_int, measure_cost
 
 
@@ -26,7 +26,7 @@ class SRDCleanserConfig(DefenseConfig):
 
     policy: str = ""
     num_masks: int = 0
-    flag: str = "unsupported_word"
+    flag: str = DEFAULT_FLAG
     poisoned_captions: str = "drop"
 
     def __post_init__(self):
