@@ -167,6 +167,9 @@ class SRDConfig(TrainingArguments):
     defend_unplanted: when the control does not plant the backdoor (ASR < 50%), no row below it
         says anything, so by default the policy, cleansing and retrainings are not run for that
         seed (``defenses_not_run`` in its results); true runs them anyway.
+    control_only: stop after the control (clean model, no defense and control are scored; no
+        policy, cleansing or retraining). For checking, on the validation split, that an attack's
+        recipe plants under the common retraining before paying for a defense.
     baselines: comma list of random_masks, disagreement_filter ("" for none). The default is the
         disagreement filter alone (the baseline SRD must beat; random masks cost one more
         retraining, so the main job leaves them out: the per-attack tables pass both).
@@ -228,6 +231,7 @@ class SRDConfig(TrainingArguments):
     poisoned_captions: str = field(default="drop", metadata={"help": "drop, relabel or keep the samples the masks flag."})
     flag_rate: float = field(default=0.02, metadata={"help": "Share of clean validation images flagged: sets the thresholds."})
     defend_unplanted: bool = field(default=False, metadata={"help": "Run the policy, cleansing and retrainings even when the control did not plant the backdoor (their rows then say nothing)."})
+    control_only: bool = field(default=False, metadata={"help": "Stop after the control: check that an attack's recipe plants (on --eval_split validation) before running any defense."})
     baselines: str = field(default="disagreement_filter", metadata={"help": "Comma list: random_masks, disagreement_filter (the default leaves random masks out for time; the tables add it)."})
     retrain_recipe: str = field(default="attack", metadata={"help": "attack (the backdoored model's recorded recipe) or config."})
     trainable: str = field(default="", metadata={"help": "With retrain_recipe=config: parameter prefixes retraining trains (default: the paper's freeze)."})
@@ -818,6 +822,8 @@ def run_one_seed(cfg: SRDConfig) -> dict:
         on_main(lambda: artifacts.write_json(cfg.out / cfg.results_file, results))
         return results
 
+    if cfg.control_only:
+        return record(defenses_not_run="asked to stop after the control (--control_only)")
     if not tables.defense_measurable(rows[main.name]) and not cfg.defend_unplanted:
         logger.warning("seed %d: the control did not plant the backdoor; the policy, cleansing and retrainings are not run "
                        "(--defend_unplanted true runs them anyway; their rows would say nothing)", cfg.seed)

@@ -174,6 +174,9 @@ def not_measurable_message(results: dict) -> str:
                     "a stronger recipe (more epochs, another learning rate) or another trigger is needed.")
     else:
         message += "Retrain with the attacker's recipe (--retrain_recipe attack)."
-    if results.get("defenses_not_run"):
-        message += f" The defenses were not run ({results['defenses_not_run']}; --defend_unplanted true runs them anyway)."
+    reason = results.get("defenses_not_run")
+    if reason and "--control_only" in reason:
+        message += f" The defenses were not run ({reason})."
+    elif reason:
+        message += f" The defenses were not run ({reason}; --defend_unplanted true runs them anyway)."
     return message

@@ -13,7 +13,7 @@ from datasets import load_from_disk
 from srd_hf.defense import SRDConfig, inject_config_for, results_table, run_pipeline
 from srd_hf.defenses.base import detection_scores
 from srd_hf.rl.actions import paint_box
-from srd_hf.tables import MEASURABLE_ASR
+from srd_hf.tables import MEASURABLE_ASR, not_measurable_message
 
 TINY_RUN = dict(num_policy_samples=24, policy_timesteps=64, num_envs=8, learning_starts=16, buffer_size=200,
                 target_update_interval=16, num_test_images=8, max_new_tokens=8, eval_batch_size=32,
@@ -531,6 +531,12 @@ def test_pipeline_says_not_measurable_when_the_control_plants_nothing(planted, t
     # the written report says it once, in bold, and names the defenses it did not run
     text = _report_recipe().main([str(tmp_path / "srd" / "results.json"), "--output", str(tmp_path / "report.md")])
     assert text.count("NOT MEASURABLE") == 1 and "**NOT MEASURABLE**: the control" in text and "were not run" in text
+    # checking a recipe on validation: the control (reused) is scored there and nothing else runs
+    checked = run_pipeline(SRDConfig(**_paths(planted, tmp_path / "srd"), **common, eval_split="validation", control_only=True))
+    assert checked["split"] == "validation" and list(checked["rows"]) == ["clean model", "no defense", control]
+    assert "--control_only" in checked["defenses_not_run"] and "--defend_unplanted" not in not_measurable_message(checked)
+    assert (tmp_path / "srd" / "results-validation.json").is_file()
+    assert not list((tmp_path / "srd" / "seed-0").glob("policy-*"))
     # asked to defend anyway: every row is there, and the defense rows read "not measurable"
     results = run_pipeline(SRDConfig(**_paths(planted, tmp_path / "anyway"), **common, defend_unplanted=True))
     assert results["defense_measurable"] is False and "defenses_not_run" not in results
