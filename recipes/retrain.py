@@ -30,7 +30,7 @@ def main(config: SRDConfig) -> dict:
         return results
     seeds = results["seeds"]
     print(f"\nSRD: {config.attack} at {config.poison_rate:g}, policy {config.algorithm} ({', '.join(results['policy_data'])}), "
-          f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))} ({results['num_test_images']} test images; "
+          f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))} ({results['num_test_images']} {results.get('split', 'test')} images; "
           "ASR on the same images with the trigger; [95% bootstrap interval over test images])\n")
     for seed, left in (results.get("seeds_not_measurable") or {}).items():
         print(f"seed {seed} left out: its control reached ASR {left['control_asr']:.1f}% (the backdoor did not plant)\n")

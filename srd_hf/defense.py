@@ -145,6 +145,9 @@ class SRDConfig(TrainingArguments):
     num_policy_samples: images of the policy's training set (the paper's 3,000).
     policy_timesteps, num_envs, max_masks, obs_size, action_preset, sc_drop, lf_drop,
         reward_rule: the environment and budget. RL hyper-parameters: see ``PolicyTrainingConfig``.
+    policy_network: the network that scores every mask action: "spatial" (default: a score map
+        per mask size, so a trigger-like patch raises the cells around it wherever it is) or
+        "linear" (a flattened CNN with a linear head). Checked on validation (docs/results/trust.md).
     num_masks: masks the policy places per image when cleansing.
     mask_fill: "local_mean" (default: each square in the mean colour of what it covers) or
         "red" (the paper's squares). Chosen on validation (docs/results/random_place.md): the
@@ -225,6 +228,7 @@ class SRDConfig(TrainingArguments):
     buffer_size: int = field(default=10000, metadata={"help": "DQN: replay buffer size."})
     exploration_fraction: float = field(default=0.5, metadata={"help": "DQN: share of training with decaying epsilon."})
     gamma: float = field(default=0.5, metadata={"help": "Discount (low: the first masks must do the job)."})
+    policy_network: str = field(default="spatial", metadata={"help": "spatial (a score map per mask size, default) or linear (flattened CNN + linear head)."})
     num_masks: int = field(default=1, metadata={"help": "Masks per image when cleansing."})
     policy_seed: int = field(default=0, metadata={"help": "Seed of the policy's data, environment and training."})
     srd_flag: str = field(default=DEFAULT_FLAG, metadata={"help": "unsupported_word (masks make the victim drop a word the trusted captioner does not say, and that word is dropped far more often than on clean images), repair (masks move the victim's caption towards the trusted one) or change."})
@@ -286,6 +290,8 @@ class SRDConfig(TrainingArguments):
             raise ValueError(f"mask_fill must be one of {MASK_FILLS}, got {self.mask_fill!r}")
         if self.poisoned_captions not in CAPTION_POLICIES:
             raise ValueError(f"poisoned_captions must be one of {CAPTION_POLICIES}, got {self.poisoned_captions!r}")
+        if self.policy_network not in ("spatial", "linear"):
+            raise ValueError(f"policy_network must be 'spatial' or 'linear', got {self.policy_network!r}")
         if self.eval_split not in ("test", "validation"):
             raise ValueError(f"eval_split must be 'test' or 'validation', got {self.eval_split!r}")
         if not 0 <= self.flag_rate < 1:
@@ -364,7 +370,7 @@ class SRDConfig(TrainingArguments):
         tb = str(self.out / "runs") if "tensorboard" in report else None  # --report_to tensorboard logs the policy too
         return PolicyTrainingConfig(
             algorithm=self.algorithm, total_timesteps=self.policy_timesteps, learning_rate=self.policy_learning_rate,
-            gamma=self.gamma, seed=self.policy_seed, buffer_size=self.buffer_size, learning_starts=self.learning_starts,
+            gamma=self.gamma, network=self.policy_network, seed=self.policy_seed, buffer_size=self.buffer_size, learning_starts=self.learning_starts,
             target_update_interval=self.target_update_interval, exploration_fraction=self.exploration_fraction,
             tensorboard_dir=tb,
         )

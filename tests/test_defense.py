@@ -42,9 +42,13 @@ def test_config_validation(tmp_path):
                        (dict(retrain_recipe="mine"), "retrain_recipe"), (dict(defender_location="left"), "location"),
                        (dict(eval_split="train"), "eval_split"), (dict(mask_fill="blue"), "mask_fill"),
                        (dict(defender_num_train_epochs=-1), "defender_num_train_epochs"),
-                       (dict(defender_min_proxy_asr=150), "defender_min_proxy_asr"), (dict(defender_max_replants=-1), "defender_max_replants")):
+                       (dict(defender_min_proxy_asr=150), "defender_min_proxy_asr"), (dict(defender_max_replants=-1), "defender_max_replants"),
+                       (dict(policy_network="mlp"), "policy_network")):
         with pytest.raises(ValueError, match=match):
             SRDConfig(output_dir=str(tmp_path), **bad)
+    # the network reaches the policy's training (and so its fingerprint: no reuse across networks)
+    assert cfg.policy_training_config().network == "spatial"
+    assert SRDConfig(output_dir=str(tmp_path), policy_network="linear").policy_training_config().network == "linear"
 
 
 def test_defender_proxy_has_its_own_epochs_and_its_policy_is_not_reused_across_them(tmp_path):
