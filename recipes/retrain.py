@@ -36,6 +36,8 @@ def main(config: SRDConfig) -> dict:
         print(f"seed {seed} left out: its control reached ASR {left['control_asr']:.1f}% (the backdoor did not plant)\n")
     if not results["defense_measurable"]:
         print(not_measurable_message(results) + "\n")
+    elif results.get("control_only"):
+        print(f"The control planted the backdoor; the defenses were not run ({results['defenses_not_run']}).\n")
     print(results_table(results))
     for title, table in eval_set_tables(results):  # the same models on another domain
         print(f"\n{title}\n\n{table}")

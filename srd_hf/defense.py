@@ -829,7 +829,7 @@ def run_one_seed(cfg: SRDConfig) -> dict:
         return results
 
     if cfg.control_only:
-        return record(defenses_not_run="asked to stop after the control (--control_only)")
+        return record(defenses_not_run="asked to stop after the control (--control_only)", control_only=True)
     if not tables.defense_measurable(rows[main.name]) and not cfg.defend_unplanted:
         logger.warning("seed %d: the control did not plant the backdoor; the policy, cleansing and retrainings are not run "
                        "(--defend_unplanted true runs them anyway; their rows would say nothing)", cfg.seed)

@@ -175,7 +175,7 @@ def not_measurable_message(results: dict) -> str:
     else:
         message += "Retrain with the attacker's recipe (--retrain_recipe attack)."
     reason = results.get("defenses_not_run")
-    if reason and "--control_only" in reason:
+    if reason and results.get("control_only"):  # asked for: no hint to run them anyway
         message += f" The defenses were not run ({reason})."
     elif reason:
         message += f" The defenses were not run ({reason}; --defend_unplanted true runs them anyway)."

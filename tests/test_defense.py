@@ -538,7 +538,8 @@ def test_pipeline_says_not_measurable_when_the_control_plants_nothing(planted, t
     # checking a recipe on validation: the control (reused) is scored there and nothing else runs
     checked = run_pipeline(SRDConfig(**_paths(planted, tmp_path / "srd"), **common, eval_split="validation", control_only=True))
     assert checked["split"] == "validation" and list(checked["rows"]) == ["clean model", "no defense", control]
-    assert "--control_only" in checked["defenses_not_run"] and "--defend_unplanted" not in not_measurable_message(checked)
+    assert checked["control_only"] and "--control_only" in checked["defenses_not_run"]
+    assert "--defend_unplanted" not in not_measurable_message(checked)
     assert (tmp_path / "srd" / "results-validation.json").is_file()
     assert not list((tmp_path / "srd" / "seed-0").glob("policy-*"))
     # asked to defend anyway: every row is there, and the defense rows read "not measurable"
