@@ -70,6 +70,7 @@ from .hub import trainer_args
 from .metrics import attack_success_rate
 from .pretraining import latest_checkpoint
 from .rl.actions import MASK_FILLS
+from .rl.configuration_srd import POLICY_ALGORITHMS, POLICY_NETWORKS
 from .rl.env import MaskingEnvConfig, MaskingVecEnv
 from .rl.modeling_srd import SRDPolicy
 from .rl.reward import RewardConfig
@@ -272,7 +273,7 @@ class SRDConfig(TrainingArguments):
         if not self.poisoned_dataset:
             self.poisoned_dataset = f"outputs/backdoor/{tag}/poisoned_dataset"
         super().__post_init__()
-        if self.algorithm not in ("dqn", "ppo", "sac", "random"):
+        if self.algorithm not in POLICY_ALGORITHMS:
             raise ValueError(f"algorithm must be dqn, ppo, sac or random, got {self.algorithm!r}")
         bad = [p for p in self.protocols if p not in POLICY_DATA] or ([] if self.protocols else ["(none)"])
         if bad:
@@ -290,7 +291,7 @@ class SRDConfig(TrainingArguments):
             raise ValueError(f"mask_fill must be one of {MASK_FILLS}, got {self.mask_fill!r}")
         if self.poisoned_captions not in CAPTION_POLICIES:
             raise ValueError(f"poisoned_captions must be one of {CAPTION_POLICIES}, got {self.poisoned_captions!r}")
-        if self.policy_network not in ("spatial", "linear"):
+        if self.policy_network not in POLICY_NETWORKS:
             raise ValueError(f"policy_network must be 'spatial' or 'linear', got {self.policy_network!r}")
         if self.eval_split not in ("test", "validation"):
             raise ValueError(f"eval_split must be 'test' or 'validation', got {self.eval_split!r}")

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from .actions import ACTION_PRESETS, MASK_FILLS, MaskActionSpace
 
 POLICY_ALGORITHMS = ("dqn", "ppo", "sac", "random")
+#: the networks that score every mask action (``srd_hf.rl.networks.build_scorer``)
+POLICY_NETWORKS = ("spatial", "linear")
 
 
 @dataclass
@@ -42,7 +44,7 @@ class SRDPolicyConfig:
     def __post_init__(self):
         if self.algorithm not in POLICY_ALGORITHMS:
             raise ValueError(f"algorithm must be one of {POLICY_ALGORITHMS}, got {self.algorithm!r}")
-        if self.network not in ("spatial", "linear"):
+        if self.network not in POLICY_NETWORKS:
             raise ValueError(f"network must be 'spatial' or 'linear', got {self.network!r}")
         if self.num_masks < 1:
             raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
